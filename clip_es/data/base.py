@@ -1,0 +1,146 @@
+"""The one small interface every dataset reader implements, and shared helpers.
+
+Conventions (all readers):
+  * class indices are 0-based positions in ``dataset.classes``;
+  * ground-truth masks are ``(H, W)`` uint8 with 0 = background, ``k + 1`` = class
+    ``k``, 255 = ignore (object borders in VOC); readers map their own ids to this;
+  * ``dataset.category_ids[k]`` is the id class ``k`` has in the source dataset
+    (VOC: ``k + 1``; COCO: the category id), used by exports.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from clip_es.errors import ClassFileError, DatasetError
+
+#: Image ids may contain letters, digits and ``._-`` (no separators, no ``..``).
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*$")
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class: display name plus optional synonyms.
+
+    ``prompt_words`` is what goes into the text templates: the synonyms when there are
+    any (CLIP-ES writes e.g. ``person`` as "person with clothes, people, human"),
+    otherwise the name.
+    """
+
+    name: str
+    synonyms: tuple[str, ...] = ()
+
+    @property
+    def prompt_words(self) -> tuple[str, ...]:
+        return self.synonyms or (self.name,)
+
+
+@dataclass
+class Sample:
+    """One image with its image-level labels and optional ground truth.
+
+    Attributes:
+        id: image id (file stem), safe to use as a file name.
+        image: ``(H, W, 3)`` uint8 RGB.
+        labels: sorted 0-based class indices present in the image.
+        gt: ``(H, W)`` uint8 mask (0 bg, k+1 class k, 255 ignore) or ``None``.
+    """
+
+    id: str
+    image: np.ndarray
+    labels: tuple[int, ...]
+    gt: np.ndarray | None = None
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """What stages need from a dataset. ``labels`` must not decode the image."""
+
+    name: str
+    root: Path
+    split: str
+    classes: list[ClassSpec]
+    category_ids: list[int]
+
+    def ids(self) -> list[str]: ...
+
+    def labels(self, image_id: str) -> tuple[int, ...]: ...
+
+    def load_image(self, image_id: str) -> np.ndarray: ...
+
+    def load_gt(self, image_id: str) -> np.ndarray | None: ...
+
+    def image_path(self, image_id: str) -> Path: ...
+
+
+def sample_of(ds: Dataset, image_id: str, with_gt: bool = False) -> Sample:
+    """Load one :class:`Sample` from a dataset."""
+    return Sample(image_id, ds.load_image(image_id), ds.labels(image_id),
+                  ds.load_gt(image_id) if with_gt else None)
+
+
+def check_id(image_id: str, where: str) -> str:
+    """Refuse ids that could escape a folder (``../x``, ``/abs``, ``a/b``) or are empty."""
+    if not _SAFE_ID.match(image_id) or ".." in image_id:
+        raise DatasetError(f"{where}: image id {image_id!r} is not a plain file name "
+                           "(letters, digits, '._-'; no '/', no '..'); rename the file or fix the list")
+    return image_id
+
+
+def parse_class_lines(lines: list[str], where: str) -> list[ClassSpec]:
+    """Parse class-file lines: ``name[, synonym, synonym...]``; ``#`` comments, blank lines skipped.
+
+    Raises:
+        ClassFileError: empty file, empty name (a synonyms-only line), or a duplicate class.
+    """
+    classes: list[ClassSpec] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        name, syn = parts[0], tuple(p for p in parts[1:] if p)
+        if not name:
+            raise ClassFileError(f"{where}:{n}: line {raw.strip()!r} has synonyms but no class name; "
+                                 "write the class name first: 'name, synonym, ...'")
+        if name in seen:
+            raise ClassFileError(f"{where}:{n}: class {name!r} is listed twice (first on line {seen[name]}); "
+                                 "keep one line per class")
+        seen[name] = n
+        classes.append(ClassSpec(name, syn))
+    if not classes:
+        raise ClassFileError(f"{where}: no classes found; write one class per line: 'name[, synonym, ...]'")
+    return classes
+
+
+def read_class_file(path: str | Path) -> list[ClassSpec]:
+    """Read a class file (one class per line, synonyms after the name, comma-separated)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ClassFileError(f"class file {path} does not exist; pass an existing file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClassFileError(f"class file {path} cannot be read as UTF-8 text: {e}") from e
+    return parse_class_lines(text.splitlines(), str(path))
+
+
+def write_class_file(path: str | Path, classes: list[ClassSpec]) -> None:
+    """Write classes in the class-file format."""
+    Path(path).write_text("".join(", ".join((c.name,) + c.synonyms) + "\n" for c in classes), encoding="utf-8")
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """One word or phrase per line (background sets); ``#`` comments and blanks skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ClassFileError(f"word list {path} cannot be read: {e}; pass an existing text file") from e
+    return [w for w in (ln.split("#", 1)[0].strip() for ln in lines) if w]

@@ -1,0 +1,106 @@
+"""Reading images and masks from untrusted files.
+
+Every image becomes ``(H, W, 3)`` uint8 RGB whatever its mode (grayscale, RGBA, CMYK,
+palette, 16-bit), with the EXIF orientation applied (so it looks as a viewer shows
+it; ground truth drawn on the rotated view stays aligned, and masks are never
+EXIF-rotated since PNG masks carry no orientation). Images whose longer side exceeds
+``MAX_SIDE`` are refused before decoding pixels (their header is read only), which bounds
+memory. Failures raise :class:`~clip_es.errors.ImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clip_es.errors import ImageError
+
+#: Longest accepted image side in pixels (an 8000x6000 photo is 8000). Larger images
+#: are refused with a message; resize them first. 48 MP RGB = 144 MB decoded.
+MAX_SIDE = 8192
+#: Decompression-bomb guard for PIL (pixels).
+Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
+
+
+def read_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Decode an image file to ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        ImageError: missing, empty, truncated or non-image file, or a side above ``max_side``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if max(im.size) > max_side:
+                    raise ImageError(f"{path}: image is {im.size[0]}x{im.size[1]}, above the {max_side}-pixel "
+                                     "side limit; downscale it first")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = (arr / (65535.0 if hi > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a label PNG as ``(H, W)`` uint8 indices (palette indices, not colours)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ImageError(f"{path}: mask must be a palette or grayscale PNG, got mode {im.mode}")
+            return np.asarray(im).copy()
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: mask file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable mask ({e})") from e
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map as a flat 768-long list (index 255 is the ignore colour)."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def mask_to_png_bytes(mask: np.ndarray) -> bytes:
+    """Encode a ``(H, W)`` uint8 mask as a palette PNG (VOC colours) in memory."""
+    import io
+
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(voc_palette())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,265 @@
+"""Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
+
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny --steps 1500
+
+Supervision is image-level only: captions and class prompts about whole images or
+crops. A crop's caption and labels name only the objects still clearly visible in it
+(decided from the generator's own object layout, the same way a caption writer would
+look at the crop); objects cut to a sliver are left out of the loss, not called absent.
+No pixel-level target ever enters a loss.
+
+Losses, each on both poolings (mean of patch tokens, as CLIP-ES pools; CLS, as
+open_clip pools):
+  * caption InfoNCE (image <-> caption, in-batch negatives, identical captions positive);
+  * multi-label sigmoid loss against per-word prompts ``a photo of a {word}.`` for every
+    foreground and background word;
+  * optional multiple-instance term (``--mil``): each projected patch token is scored
+    against the word prompts and a log-sum-exp over the patches must agree with the
+    same image-level labels. It asks "is the class somewhere in here", never "where".
+
+The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
+so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
+step count; single-threaded data generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES, caption_for, scene_for  # noqa: E402
+from clip_es.model import dense  # noqa: E402
+from clip_es.model.tiny import TinyClipConfig, build_tiny_clip  # noqa: E402
+
+WORDS = list(TOY_CLASSES) + list(TOY_BACKGROUNDS)
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32) * 255
+SIZES = [(64, 64), (96, 96), (128, 128), (160, 160), (128, 192), (96, 160)]
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    arr = (np.stack(images).astype(np.float32) - MEAN) / STD
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def sample_view(scene, rng: np.random.Generator, size: tuple[int, int], full_p: float):
+    """A crop (or the whole image) of a scene resized to ``size``, with its labels.
+
+    Returns ``(image (h, w, 3) uint8, labels (len(WORDS),) float in {0, 1, -1=ignore}, caption)``.
+    """
+    import cv2
+
+    img, mask = scene.image, scene.mask
+    H, W = mask.shape
+    if rng.random() < full_p:
+        y0, x0, y1, x1 = 0, 0, H, W
+    else:
+        th, tw = size
+        frac = rng.uniform(0.3, 0.9)
+        ch = int(round(min(H, W * th / tw) * frac))
+        cw = int(round(ch * tw / th))
+        ch, cw = max(16, min(ch, H)), max(16, min(cw, W))
+        y0 = int(rng.integers(0, H - ch + 1))
+        x0 = int(rng.integers(0, W - cw + 1))
+        y1, x1 = y0 + ch, x0 + cw
+    crop = img[y0:y1, x0:x1]
+    cm = mask[y0:y1, x0:x1]
+    area = cm.size
+    labels = np.zeros(len(WORDS), np.float32)
+    names = []
+    for c in range(1, len(TOY_CLASSES) + 1):
+        total = int((mask == c).sum())
+        if total == 0:
+            continue
+        inside = int((cm == c).sum())
+        if inside >= 0.4 * total or inside >= 0.15 * area:
+            labels[c - 1] = 1
+            names.append(TOY_CLASSES[c - 1])
+        elif inside > 0.05 * total or inside > 0.02 * area:
+            labels[c - 1] = -1  # a sliver: neither present nor absent
+    bg_share = float((cm == 0).sum()) / area
+    bgi = len(TOY_CLASSES) + scene.background
+    if bg_share >= 0.15:
+        labels[bgi] = 1
+    elif bg_share > 0.02:
+        labels[bgi] = -1
+    bg_name = TOY_BACKGROUNDS[scene.background] if labels[bgi] == 1 else None
+    out = cv2.resize(crop, (size[1], size[0]), interpolation=cv2.INTER_AREA if crop.shape[0] > size[0]
+                     else cv2.INTER_CUBIC)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out), labels, caption_for(names, bg_name, rng)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    valid = labels >= 0
+    loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    logits = scale * img @ txt.t()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
+
+
+@torch.no_grad()
+def evaluate_map(model, tokenizer, scenes) -> dict[str, float]:
+    """Zero-shot multi-label mAP (softmax over foreground classes) on full scenes, both poolings."""
+    import cv2
+
+    model.eval()
+    prompts = tokenizer([f"a photo of a {c}." for c in TOY_CLASSES])
+    t = F.normalize(dense.encode_text(model, prompts), dim=-1)
+    res = {}
+    for pooling in ("mean", "cls"):
+        scores, gts = [], []
+        for s in scenes:
+            H, W = s.mask.shape
+            h, w = math.ceil(H / 16) * 16, math.ceil(W / 16) * 16
+            x = to_tensor([cv2.resize(s.image, (w, h), interpolation=cv2.INTER_CUBIC)])
+            e = F.normalize(dense.encode_image(model.visual, x, pooling), dim=-1)
+            scores.append((model.logit_scale.exp() * e @ t.t()).softmax(-1)[0].numpy())
+            g = np.zeros(len(TOY_CLASSES))
+            g[[c - 1 for c in s.labels]] = 1
+            gts.append(g)
+        res[pooling] = mean_ap(np.stack(scores), np.stack(gts))
+    model.train()
+    return res
+
+
+def mean_ap(scores: np.ndarray, gts: np.ndarray) -> float:
+    """Mean over classes of average precision. ``scores``, ``gts``: ``(n_images, n_classes)``."""
+    aps = []
+    for c in range(scores.shape[1]):
+        order = np.argsort(-scores[:, c])
+        g = gts[order, c]
+        if g.sum() == 0:
+            continue
+        tp = np.cumsum(g)
+        prec = tp / np.arange(1, len(g) + 1)
+        aps.append(float((prec * g).sum() / g.sum()))
+    return float(np.mean(aps))
+
+
+def save_openai_fp16(model, path: Path) -> None:
+    sd = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()
+          if k != "attn_mask"}
+    tmp = path.with_suffix(".tmp")
+    torch.save(sd, tmp)
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the log")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    ap.add_argument("--batch", type=int, default=64, help="images per step")
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
+    ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
+    ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
+    ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
+    ap.add_argument("--mil", type=float, default=0.5, help="weight of the multiple-instance patch term (0=off)")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between mAP evaluations/checkpoints")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    import open_clip
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    scenes = [scene_for(args.seed, i) for i in range(args.scenes)]
+    held = [scene_for(args.seed + 1, i) for i in range(200)]
+    print(f"rendered {len(scenes)} scenes in {time.time() - t0:.0f}s", flush=True)
+
+    dev = torch.device(args.device)
+    model = build_tiny_clip(TinyClipConfig()).to(dev).train()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    word_tokens = tokenizer([f"a photo of a {w}." for w in WORDS]).to(dev)
+    ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
+    ml_bias = torch.nn.Parameter(torch.full((len(WORDS),), -2.0, device=dev))
+    mil_temp = 10.0
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in n or "ln" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay + [ml_scale, ml_bias], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    log = []
+    t_train = time.time()
+    for step in range(args.steps):
+        size = SIZES[step % len(SIZES)]
+        idx = rng.integers(0, len(scenes), size=args.batch)
+        views = [sample_view(scenes[i], rng, size, args.full_p) for i in idx]
+        x = to_tensor([v[0] for v in views]).to(dev)
+        labels = torch.from_numpy(np.stack([v[1] for v in views])).to(dev)
+        captions = [v[2] for v in views]
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
+
+        tok, _ = dense.embed(model.visual, x)
+        for blk in model.visual.transformer.resblocks:
+            tok, _, _ = dense.block_forward(blk, tok)
+        txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
+        words = F.normalize(dense.encode_text(model, word_tokens), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        loss = torch.zeros((), device=dev)
+        parts = {}
+        for pooling in ("mean", "cls"):
+            img = F.normalize(dense.pool_tokens(model.visual, tok, pooling), dim=-1)
+            lc = contrastive(img, txt, scale, same)
+            lm = masked_bce(ml_scale * img @ words.t() + ml_bias, labels)
+            loss = loss + lc + lm
+            parts[f"cap_{pooling}"] = lc.item()
+            parts[f"ml_{pooling}"] = lm.item()
+        if args.mil > 0:
+            patches = F.normalize(model.visual.ln_post(tok[:, 1:]) @ model.visual.proj, dim=-1)
+            cos = patches @ words.t()  # (B, N, W)
+            # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
+            pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
+            lmil = masked_bce(pooled + ml_bias, labels)
+            loss = loss + args.mil * lmil
+            parts["mil"] = lmil.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 25 == 0 or step == args.steps - 1:
+            el = time.time() - t_train
+            print(f"step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                  + f" scale {float(scale):.1f} | {el / (step + 1):.2f}s/step, {el / 60:.1f} min", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            m = evaluate_map(model, tokenizer, held)
+            rec = {"step": step + 1, "minutes": (time.time() - t_train) / 60, "loss": loss.item(), **parts,
+                   "map_mean": m["mean"], "map_cls": m["cls"]}
+            log.append(rec)
+            print("EVAL", json.dumps(rec), flush=True)
+            save_openai_fp16(model, args.out / f"step{step + 1}.pt")
+            save_openai_fp16(model, args.out / "last.pt")
+            (args.out / "log.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                           "evals": log}, indent=1))
+    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
