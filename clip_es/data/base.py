@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from clip_es.errors import ClassFileError, DatasetError
+from clip_es.errors import ClassFileError, DatasetError, ImageError
 
 #: Image ids may contain letters, digits and ``._-`` (no separators, no ``..``).
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*$")
@@ -82,6 +82,35 @@ def sample_of(ds: Dataset, image_id: str, with_gt: bool = False) -> Sample:
     """Load one :class:`Sample` from a dataset."""
     return Sample(image_id, ds.load_image(image_id), ds.labels(image_id),
                   ds.load_gt(image_id) if with_gt else None)
+
+
+def validate_gt(mask: np.ndarray, num_classes: int, where: str | Path,
+                image_hw: tuple[int, int] | None = None, image_where: str | Path | None = None) -> np.ndarray:
+    """Check a ground-truth mask against the class list and, optionally, its image size.
+
+    Args:
+        mask: ``(H, W)`` uint8 mask (0 bg, ``k + 1`` class ``k``, 255 ignore).
+        num_classes: number of foreground classes ``K``; allowed values are ``0..K`` and 255.
+        where: the mask's file (or a description), named in errors.
+        image_hw: ``(H, W)`` of the image the mask belongs to; ``None`` skips the size check.
+        image_where: the image's file, named in the size error.
+
+    Returns:
+        ``mask`` itself (unchanged).
+
+    Raises:
+        ImageError: a value outside ``0..K`` and not 255, or a size that differs from the image.
+    """
+    bad = (mask > num_classes) & (mask != 255)
+    if bad.any():
+        raise ImageError(f"{where}: mask values {sorted(np.unique(mask[bad]).tolist())} are outside "
+                         f"0..{num_classes} and not 255 (ignore); the class list has {num_classes} classes, "
+                         "so fix the mask or pass the class file it was drawn with")
+    if image_hw is not None and tuple(mask.shape[:2]) != tuple(image_hw):
+        (mh, mw), (ih, iw) = mask.shape[:2], image_hw
+        raise ImageError(f"{where}: mask is {mw}x{mh} (WxH) but its image {image_where or ''} is {iw}x{ih}; "
+                         "ground truth must have the image's size (after EXIF rotation); re-export the mask")
+    return mask
 
 
 def check_id(image_id: str, where: str) -> str:

@@ -53,6 +53,30 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image as :func:`read_image` would return it, from the header only.
+
+    The EXIF orientation is taken into account (orientations 5-8 swap height and width),
+    so the result can be compared with a ground-truth mask without decoding pixels.
+
+    Raises:
+        ImageError: missing, empty or non-image file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:  # a broken EXIF block: read_image's exif_transpose ignores it too
+                orientation = 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)

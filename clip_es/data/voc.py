@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_es.data.base import ClassSpec, check_id, read_class_file
-from clip_es.data.image_io import read_image, read_mask
+from clip_es.data.base import ClassSpec, check_id, read_class_file, validate_gt
+from clip_es.data.image_io import image_size, read_image, read_mask
 from clip_es.data.registry import builtin_classes
-from clip_es.errors import DatasetError, ImageError, LabelError
+from clip_es.errors import DatasetError, LabelError
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,14 @@ class VOCDataset:
         return p if p.is_file() else None
 
     def load_gt(self, image_id: str) -> np.ndarray | None:
+        """``(H, W)`` uint8 GT mask, or ``None`` without one.
+
+        Raises:
+            ImageError: values outside ``0..K`` and not 255, or a size that differs from the image's.
+        """
         p = self.gt_path(image_id)
         if p is None:
             return None
         m = read_mask(p)
-        bad = (m > len(self.classes)) & (m != 255)
-        if bad.any():
-            raise ImageError(f"{p}: mask values {sorted(set(np.unique(m[bad]).tolist()))} are outside "
-                             f"0..{len(self.classes)} and not 255 (ignore)")
-        return m
+        img = self.image_path(image_id)
+        return validate_gt(m, len(self.classes), p, image_size(img) if img.is_file() else None, img)

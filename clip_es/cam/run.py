@@ -1,0 +1,276 @@
+"""The ``cam`` stage: per image, softmax-GradCAM and CAA maps into ``RUN/cam/<id>.npz``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clip_es.cam.caa import balance_affinity, caa_refine
+from clip_es.cam.gradcam import softmax_gradcam
+from clip_es.cam.store import is_valid_cam, save_cam, upsample
+from clip_es.data.base import ClassSpec
+from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
+from clip_es.errors import ClipEsError, ConfigError, DatasetError
+from clip_es.model.dense import dense_forward
+from clip_es.model.resolve import ClipModel, load_clip
+from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
+from clip_es.rundir import RunDir
+
+log = logging.getLogger(__name__)
+STAGE = "cam"
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    """Everything the cam stage needs. Saved as ``RUN/cam/config.json``.
+
+    Attributes:
+        dataset, root, split, class_file: which images (see :func:`open_dataset`).
+        out: the run directory.
+        model, pretrained: CLIP to use (see :func:`clip_es.model.load_clip`).
+        templates: prompt templates; several are averaged.
+        fusion: synonym fusion, ``sentence`` or ``mean``.
+        background: background set: ``voc``, ``coco``, ``toy``, ``none`` or a word file;
+            ``None`` = the dataset kind's default.
+        scales: input scales; maps are averaged at full size when more than one.
+        flip: also run the horizontally flipped image and average.
+        softmax: GradCAM on the softmax probability (``False``: on the raw logit).
+        caa: compute CAA maps (``False``: ``caa`` = ``cam``).
+        caa_threshold: box threshold of CAA's class-aware mask.
+        caa_blocks: how many last blocks' attention make the affinity.
+        sinkhorn_iters: balancing rounds.
+        pooling: image embedding pooling, ``mean`` (CLIP-ES) or ``cls``.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        limit: only the first ``limit`` images of the split.
+        shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
+    """
+
+    dataset: str
+    root: str
+    split: str
+    out: str
+    class_file: str | None = None
+    model: str = "clipes-tiny"
+    pretrained: str | None = None
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    fusion: str = "sentence"
+    background: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    softmax: bool = True
+    caa: bool = True
+    caa_threshold: float = 0.4
+    caa_blocks: int = 8
+    sinkhorn_iters: int = 3
+    pooling: str = "mean"
+    device: str = "auto"
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+
+    def validate(self) -> "CamConfig":
+        check_templates(self.templates)
+        if self.fusion not in ("sentence", "mean"):
+            raise ConfigError(f"--fusion must be sentence or mean, got {self.fusion!r}")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"--scales must be positive numbers, got {self.scales}")
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"--shard must be I/N with 0 <= I < N, got {i}/{n}")
+        if not 0 <= self.caa_threshold < 1:
+            raise ConfigError(f"--caa-threshold must be in [0, 1), got {self.caa_threshold}")
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"--pooling must be mean or cls, got {self.pooling!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        return self
+
+
+@dataclass
+class StageResult:
+    """What a stage run did. ``failed`` maps image id to the reason."""
+
+    stage: str
+    run: str
+    done: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        s = f"{self.stage}: {self.done} done, {self.skipped} already there, {len(self.failed)} failed"
+        if self.failed:
+            s += f": see {Path(self.run) / 'manifest.json'} (stages.{self.stage}.failed)"
+        return s
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit values."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def preprocess(image: np.ndarray, scale: float, patch: int, mean, std, flip: bool = False) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> ``(1, 3, h*p, w*p)`` normalised, bicubic to the patch-multiple size."""
+    H, W = image.shape[:2]
+    h = max(1, math.ceil(scale * H / patch)) * patch
+    w = max(1, math.ceil(scale * W / patch)) * patch
+    img = image[:, ::-1] if flip else image
+    x = cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+
+
+@dataclass
+class CamEngine:
+    """The per-image computation with the text side prepared once.
+
+    Attributes:
+        clip: the loaded CLIP.
+        class_text: ``(C, D)`` embeddings of all dataset classes.
+        bg_text: ``(B, D)`` embeddings of the background words.
+        cfg: stage parameters.
+    """
+
+    clip: ClipModel
+    class_text: torch.Tensor
+    bg_text: torch.Tensor
+    cfg: CamConfig
+
+    @torch.no_grad()
+    def _one_view(self, x: torch.Tensor, keys: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        visual = self.clip.visual
+        d = dense_forward(visual, x.to(self.clip.device), attn_blocks=cfg.caa_blocks if cfg.caa else 0)
+        text = torch.cat([self.class_text[keys], self.bg_text], 0)
+        g = softmax_gradcam(visual, d.penultimate, d.grid, text, len(keys), self.clip.logit_scale,
+                            pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode)
+        if not cfg.caa or not keys:
+            return g.cam, g.cam.clone()
+        aff = (d.attn_sum[0] + g.attn_last) / (d.attn_count + 1) if d.attn_sum is not None else g.attn_last
+        trans = balance_affinity(aff, cfg.sinkhorn_iters)
+        return g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)
+
+    def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Maps for one image.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+            keys: 0-based class indices (the targets).
+
+        Returns:
+            ``(cam, caa)``, each ``(K, h, w)`` at the patch grid for a single
+            unflipped scale, else ``(K, H, W)`` averaged over views.
+        """
+        H, W = image.shape[:2]
+        views = [(s, f) for s in self.cfg.scales for f in ((False, True) if self.cfg.flip else (False,))]
+        p = self.clip.patch_size
+        if len(views) == 1:
+            s, _ = views[0]
+            cam, caa = self._one_view(preprocess(image, s, p, self.clip.mean, self.clip.std), keys, mode)
+            return cam.cpu().numpy(), caa.cpu().numpy()
+        acc_cam = np.zeros((len(keys), H, W), np.float32)
+        acc_caa = np.zeros_like(acc_cam)
+        for s, f in views:
+            cam, caa = self._one_view(preprocess(image, s, p, self.clip.mean, self.clip.std, f), keys, mode)
+            cam, caa = upsample(cam.cpu().numpy(), (H, W)), upsample(caa.cpu().numpy(), (H, W))
+            if f:
+                cam, caa = cam[:, :, ::-1], caa[:, :, ::-1]
+            acc_cam += cam
+            acc_caa += caa
+        return acc_cam / len(views), acc_caa / len(views)
+
+
+def build_engine(cfg: CamConfig, classes: list[ClassSpec], clip: ClipModel | None = None) -> CamEngine:
+    """Load the CLIP (unless given) and embed classes and background words once."""
+    clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
+    bg = background_words(cfg.background or "none")
+    return CamEngine(clip, class_embeddings(clip, classes, cfg.templates, cfg.fusion),
+                     background_embeddings(clip, bg, cfg.templates), cfg)
+
+
+def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec]) -> dict[str, Any]:
+    """The parameters that decide the outputs (hashed into the manifest)."""
+    p = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "limit", "shard", "root")}
+    p["model"] = clip.describe()
+    p["background_words"] = background_words(cfg.background or "none")
+    p["classes"] = [[c.name, *c.synonyms] for c in classes]
+    p["templates"] = list(cfg.templates)
+    p["scales"] = list(cfg.scales)
+    return p
+
+
+def select_ids(ids: list[str], limit: int | None, shard: tuple[int, int]) -> list[str]:
+    """``--limit`` first, then every ``n``-th id starting at ``i``."""
+    ids = ids[:limit] if limit else ids
+    i, n = shard
+    return ids[i::n]
+
+
+def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool = True) -> StageResult:
+    """Run the cam stage (resumable). The Python-API twin of ``clipes cam``.
+
+    Returns:
+        A :class:`StageResult`; per-image failures are listed, not raised.
+
+    Raises:
+        ClipEsError subclasses for fatal problems (bad options, dataset, weights, run dir).
+    """
+    cfg = cfg.validate()
+    if cfg.background is None:
+        cfg = _replace(cfg, background=DEFAULT_BACKGROUND.get(cfg.dataset, "none"))
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file)
+    run = RunDir(cfg.out)
+    run.ensure()
+    engine = build_engine(cfg, ds.classes, clip)
+    run.update_top(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
+                            "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None},
+                   classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
+                   model=engine.clip.describe())
+    out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes))
+    ids = select_ids(ds.ids(), cfg.limit, cfg.shard)
+    res = StageResult(STAGE, str(run.path))
+    done_ids: list[str] = []
+    bar = tqdm(ids, desc=f"cam {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard[1] > 1 else "cam", unit="img",
+               disable=not progress)
+    for image_id in bar:
+        path = out / f"{image_id}.npz"
+        if path.exists() and is_valid_cam(path):
+            res.skipped += 1
+            continue
+        try:
+            keys = list(ds.labels(image_id))
+            image = ds.load_image(image_id)
+            cam, caa = engine.compute(image, keys)
+            save_cam(path, keys, cam, caa, image.shape[:2])
+        except DatasetError as e:  # per-image: record and go on
+            res.failed[image_id] = str(e)
+            log.warning("%s", e)
+            continue
+        res.done += 1
+        done_ids.append(image_id)
+    status = "done" if not res.failed else "partial"
+    run.record(STAGE, failed=res.failed, done=done_ids, status=status)
+    return res
+
+
+def _replace(cfg: CamConfig, **kw) -> CamConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
