@@ -23,6 +23,7 @@ from clip_es.model.dense import dense_forward
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
+from clip_es.stage import StageResult, resolve_device, select_ids
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -91,38 +92,6 @@ class CamConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         return self
-
-
-@dataclass
-class StageResult:
-    """What a stage run did. ``failed`` maps image id to the reason."""
-
-    stage: str
-    run: str
-    done: int = 0
-    skipped: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def summary(self) -> str:
-        s = f"{self.stage}: {self.done} done, {self.skipped} already there, {len(self.failed)} failed"
-        if self.failed:
-            s += f": see {Path(self.run) / 'manifest.json'} (stages.{self.stage}.failed)"
-        return s
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit values."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device must be cpu, cuda or auto, got {device!r}")
-    return device
 
 
 def preprocess(image: np.ndarray, scale: float, patch: int, mean, std, flip: bool = False) -> torch.Tensor:
@@ -214,13 +183,6 @@ def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec]) -> d
     p["templates"] = list(cfg.templates)
     p["scales"] = list(cfg.scales)
     return p
-
-
-def select_ids(ids: list[str], limit: int | None, shard: tuple[int, int]) -> list[str]:
-    """``--limit`` first, then every ``n``-th id starting at ``i``."""
-    ids = ids[:limit] if limit else ids
-    i, n = shard
-    return ids[i::n]
 
 
 def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool = True) -> StageResult:
