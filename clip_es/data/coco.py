@@ -17,7 +17,7 @@ it and every class must exist in the json, else :class:`~clip_es.errors.DatasetE
 
 Image-level labels are the set of classes with at least one annotation in the image,
 crowd annotations (``iscrowd=1``) included. Images without annotations stay in
-:meth:`COCODataset.ids` with labels ``()`` (stages that need labels skip them).
+:meth:`COCODataset.ids` with labels ``()`` and an all-background GT.
 
 Ground truth is rendered with ``pycocotools`` from the polygon, uncompressed-RLE and
 compressed-RLE segmentations to ``(H, W)`` uint8, 0 = background, ``k + 1`` = class
