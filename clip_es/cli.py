@@ -130,6 +130,33 @@ def _floats(text: str, opt: str) -> tuple[float, ...]:
         raise ClipEsError(f"{opt} must be comma-separated numbers, got {text!r}") from None
 
 
+# ----------------------------------------------------------------------------- prompts
+@app.command()
+def prompts(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
+            templates: Path = typer.Option(..., "--templates", help="File with one candidate template per line."),
+            class_file: Optional[Path] = ClassFileOpt, model: str = ModelOpt,
+            pretrained: Optional[str] = PretrainedOpt,
+            background: Optional[str] = typer.Option(None, "--background", "-b", help="Background set (as in cam)."),
+            fusion: str = typer.Option("sentence", "--fusion", help="Synonym fusion: sentence or mean."),
+            limit: int = typer.Option(100, "--limit", help="Use at most N images with two or more labels."),
+            device: str = DeviceOpt,
+            json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the ranking as JSON here.")
+            ) -> None:
+    """Rank candidate templates by sharpness (lower = better multi-class CAMs), with each template's CAM mIoU
+    beside it where ground truth exists, and their rank correlation."""
+    from clip_es.cam.prompts import PromptsConfig, format_ranking, rank_templates
+    from clip_es.data.base import read_word_list
+    from clip_es.rundir import atomic_write_json
+
+    cfg = PromptsConfig(dataset=dataset, root=str(root), split=split, templates=tuple(read_word_list(templates)),
+                        class_file=str(class_file) if class_file else None, model=model, pretrained=pretrained,
+                        background=background, fusion=fusion, limit=limit, device=device)
+    rep = rank_templates(cfg)
+    typer.echo(format_ranking(rep))
+    if json_out:
+        atomic_write_json(json_out, rep)
+
+
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate."),
@@ -144,6 +171,174 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
     rep = evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split,
                                         limit=limit))
     typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+
+
+# ----------------------------------------------------------------------------- refine
+@app.command()
+def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam stage."),
+           no_crf: bool = typer.Option(False, "--no-crf", help="Skip the CRF: argmax of the background and CAA scores (no ignore)."),
+           conf: float = typer.Option(0.95, "--conf", help="Confidence threshold: pixels with max_c Q_c below it "
+                                                          "become 255 (ignore) in the pseudo mask."),
+           alpha: float = typer.Option(1.0, "--alpha", help="Background power: bg = (1 - max_k caa_k) ** alpha."),
+           gauss_sxy: float = typer.Option(1.0, "--gauss-sxy", help="CRF Gaussian kernel spatial std (pixels)."),
+           gauss_compat: float = typer.Option(3.0, "--gauss-compat", help="CRF Gaussian kernel weight."),
+           bi_sxy: float = typer.Option(67.0, "--bi-sxy", help="CRF bilateral kernel spatial std (pixels)."),
+           bi_srgb: float = typer.Option(3.0, "--bi-srgb", help="CRF bilateral kernel colour std (0-255 units)."),
+           bi_compat: float = typer.Option(4.0, "--bi-compat", help="CRF bilateral kernel weight."),
+           iters: int = typer.Option(10, "--iters", help="CRF mean-field iterations."),
+           save_conf: bool = typer.Option(False, "--save-conf", help="Also write RUN/refine/conf/<id>.png "
+                                                                    "(uint8 round(conf * 255))."),
+           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
+           limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs.")
+           ) -> None:
+    """Dense CRF on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/ (palette PNGs,
+    255 = ignore), CRF argmax in RUN/refine/crf/. Resumable; parallel over images."""
+    from clip_es.refine.crf import CrfParams
+    from clip_es.refine.run import RefineConfig, refine_masks
+
+    cfg = RefineConfig(run=str(run), crf=not no_crf, conf=conf, alpha=alpha,
+                       crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
+                                            bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
+                       save_conf=save_conf, workers=workers, limit=limit)
+    res = refine_masks(cfg)
+    typer.echo(res.summary())
+    if not res.ok:  # StageFailures -> exit code 1 through main()
+        from clip_es.errors import StageFailures
+
+        raise StageFailures(f"{len(res.failed)} image(s) failed (reasons in {run}/manifest.json, "
+                            "stages.refine.failed); fix them and re-run the same command to finish")
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(run: Path = typer.Option(..., "--run", help="Run folder with refine outputs."),
+           fmt: str = typer.Option("coco", "--format", "-f", help="coco (one JSON file, one RLE per image and "
+                                                                  "class) or png (palette PNGs + classes.txt)."),
+           out: Path = typer.Option(..., "--out", "-o", help="coco: the JSON file; png: the folder.")) -> None:
+    """Export the pseudo masks: COCO-style JSON with RLE segmentations, or a folder of palette PNGs."""
+    from clip_es.export import export_run
+
+    typer.echo(export_run(run, fmt, out).summary())
+
+
+# ----------------------------------------------------------------------------- show
+@app.command()
+def show(run: Path = typer.Option(..., "--run", help="Run folder (cam stage needed; refine and GT shown if there)."),
+         out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+         image_id: Optional[List[str]] = typer.Option(None, "--id", help="Image id (repeatable). One id with "
+                                                                          "--n K: K images starting there."),
+         n: int = typer.Option(1, "--n", help="Number of images (a contact sheet, one row per image)."),
+         tile: int = typer.Option(200, "--tile", help="Tile width in pixels (height is 4/5 of it).")) -> None:
+    """Picture of image, ground truth, pseudo mask, CRF and each class's CAM and CAA heatmaps, with a legend."""
+    from clip_es.visualize import show_run
+
+    typer.echo(f"wrote {show_run(run, out, ids=list(image_id) if image_id else None, n=n, tile=tile)}")
+
+
+# ----------------------------------------------------------------------------- train / segment / export-onnx
+@app.command()
+def train(run: Path = typer.Option(..., "--run", help="Run folder (cam stage, and refine unless --labels says "
+                                                      "otherwise)."),
+          labels: str = typer.Option("refine", "--labels", help="Training masks: refine (RUN/refine/masks, 255 = "
+                                     "ignored by the loss), crf (RUN/refine/crf), gt (dataset ground truth) or a "
+                                     "folder of <id>.png."),
+          name: str = typer.Option("segmenter", "--name", help="Output folder RUN/NAME and manifest stage "
+                                   "(clipes eval reports 'segmenter' and 'segmenter_nofusion')."),
+          steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
+          batch_size: int = typer.Option(8, "--batch-size", help="Images per step and process."),
+          crop_size: int = typer.Option(320, "--crop-size", help="Training crop side (pixels)."),
+          lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (warm-up, then cosine to 0)."),
+          weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+          backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", help="Backbone LR multiplier "
+                                                 "(e.g. 0.1 with pretrained weights)."),
+          loss: str = typer.Option("ce", "--loss", help="ce (softmax cross-entropy) or sigmoid (per-class "
+                                   "focal + dice, non-mutually-exclusive)."),
+          backbone: str = typer.Option("resnet18", "--backbone", help="timm CNN (features_only), e.g. resnet18, "
+                                       "mobilenetv3_large_100."),
+          backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Local state dict of the "
+                                                          "timm model (loaded with weights_only=True)."),
+          backbone_pretrained: bool = typer.Option(False, "--backbone-pretrained", help="Download timm's pretrained "
+                                                   "weights (needs network; default random init)."),
+          dim: int = typer.Option(128, "--dim", help="Width of the stride-8 map and text tokens."),
+          fusion_blocks: int = typer.Option(2, "--fusion-blocks", help="Number of fusion blocks."),
+          no_fusion: bool = typer.Option(False, "--no-fusion", help="Ablation: plain text-matching head "
+                                         "(use with --name segmenter_nofusion)."),
+          device: str = DeviceOpt,
+          seed: int = typer.Option(0, "--seed", help="Initialisation, sample order and augmentation seed."),
+          workers: int = typer.Option(0, "--workers", help="Dataloader worker processes."),
+          save_every: int = typer.Option(200, "--save-every", help="Checkpoint period (steps)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from RUN/NAME/last.pt."),
+          clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP to embed the classes "
+                                                   "(default: the one the cam stage recorded)."),
+          clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file.")
+          ) -> None:
+    """Train the lightweight segmenter (CNN + CLIP-text fusion) on the run's pseudo masks. Multi-process:
+    torchrun --nproc_per_node N -m clip_es train ... (DDP; gloo on CPU, nccl on CUDA)."""
+    from clip_es.train.loop import DistInfo, TrainConfig, train_segmenter
+
+    cfg = TrainConfig(run=str(run), name=name, labels=labels, steps=steps, batch_size=batch_size,
+                      crop_size=crop_size, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult,
+                      loss=loss, backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
+                      backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=0 if no_fusion else fusion_blocks,
+                      device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
+                      clip_model=clip_model, clip_pretrained=clip_pretrained)
+    res = train_segmenter(cfg)
+    if DistInfo.from_env().main:
+        typer.echo(res.summary())
+
+
+@app.command()
+def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint "
+                                            "(RUN/segmenter/last.pt)."),
+            out: Path = typer.Option(..., "--out", "-o", help="Folder for <id>.png palette predictions."),
+            images: Optional[Path] = typer.Option(None, "--images", help="A folder of images to segment."),
+            dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Or a dataset kind: voc, coco, "
+                                                  "folder, toy."),
+            root: Optional[Path] = typer.Option(None, "--root", "-r", help="Dataset root (with --dataset)."),
+            split: str = typer.Option("val", "--split", "-s", help="Dataset split (with --dataset)."),
+            classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names to segment; "
+                                                  "may include names never trained on (open vocabulary: embedded "
+                                                  "with the recorded CLIP). Default: the trained classes."),
+            class_file: Optional[Path] = typer.Option(None, "--class-file", help="Class file (names with synonyms) "
+                                                      "instead of --classes."),
+            device: str = DeviceOpt,
+            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+            clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
+            clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
+                                                          "file.")) -> None:
+    """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
+    OUT/classes.txt). Resumable."""
+    from clip_es.train.segment import SegmentConfig, segment as run_segment
+
+    cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
+                        dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
+                        class_file=str(class_file) if class_file else None, device=device, limit=limit,
+                        clip_model=clip_model, clip_pretrained=clip_pretrained)
+    _finish_stage(run_segment(cfg))
+
+
+@app.command("export-onnx")
+def export_onnx_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint."),
+                    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+                    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes to bake "
+                                                          "in (default: the trained ones)."),
+                    class_file: Optional[Path] = typer.Option(None, "--class-file", help="Class file instead."),
+                    height: int = typer.Option(512, "--height", help="Example input height for tracing."),
+                    width: int = typer.Option(512, "--width", help="Example input width for tracing."),
+                    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+                    static: bool = typer.Option(False, "--static", help="Fixed input size (default: dynamic H, W)."),
+                    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new "
+                                                             "class names."),
+                    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its tag or file.")
+                    ) -> None:
+    """Export a segmenter to ONNX with its class text baked in: input image (1,3,H,W) RGB in [0,1],
+    output logits (1,K+1,H,W)."""
+    from clip_es.train.onnx_export import export_onnx
+    from clip_es.train.segment import parse_classes
+
+    path = export_onnx(checkpoint, out, parse_classes(classes, class_file), height=height, width=width, opset=opset,
+                       dynamic=not static, clip_model=clip_model, clip_pretrained=clip_pretrained)
+    typer.echo(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- entry point
