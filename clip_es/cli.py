@@ -237,8 +237,9 @@ def show(run: Path = typer.Option(..., "--run", help="Run folder (cam stage need
 
 # ----------------------------------------------------------------------------- train / segment / export-onnx
 @app.command()
-def train(run: Path = typer.Option(..., "--run", help="Run folder (cam stage, and refine unless --labels says "
-                                                      "otherwise)."),
+def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (cam stage, and refine unless "
+                                   "--labels says otherwise). Under torchrun write --run-dir: torchrun's own parser "
+                                   "rejects --run as an ambiguous prefix of its --run-path."),
           labels: str = typer.Option("refine", "--labels", help="Training masks: refine (RUN/refine/masks, 255 = "
                                      "ignored by the loss), crf (RUN/refine/crf), gt (dataset ground truth) or a "
                                      "folder of <id>.png."),
@@ -261,6 +262,9 @@ def train(run: Path = typer.Option(..., "--run", help="Run folder (cam stage, an
                                                    "weights (needs network; default random init)."),
           dim: int = typer.Option(128, "--dim", help="Width of the stride-8 map and text tokens."),
           fusion_blocks: int = typer.Option(2, "--fusion-blocks", help="Number of fusion blocks."),
+          scale_range: str = typer.Option("0.5,2.0", "--scale-range", help="Random rescale range MIN,MAX before "
+                                          "cropping."),
+          warmup: int = typer.Option(100, "--warmup", help="LR warm-up steps (at most a fifth of --steps)."),
           no_fusion: bool = typer.Option(False, "--no-fusion", help="Ablation: plain text-matching head "
                                          "(use with --name segmenter_nofusion)."),
           device: str = DeviceOpt,
@@ -273,7 +277,7 @@ def train(run: Path = typer.Option(..., "--run", help="Run folder (cam stage, an
           clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file.")
           ) -> None:
     """Train the lightweight segmenter (CNN + CLIP-text fusion) on the run's pseudo masks. Multi-process:
-    torchrun --nproc_per_node N -m clip_es train ... (DDP; gloo on CPU, nccl on CUDA)."""
+    torchrun --standalone --nproc_per_node N -m clip_es train --run-dir RUN ... (DDP; gloo on CPU, nccl on CUDA)."""
     from clip_es.train.loop import DistInfo, TrainConfig, train_segmenter
 
     cfg = TrainConfig(run=str(run), name=name, labels=labels, steps=steps, batch_size=batch_size,
@@ -281,10 +285,18 @@ def train(run: Path = typer.Option(..., "--run", help="Run folder (cam stage, an
                       loss=loss, backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
                       backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=0 if no_fusion else fusion_blocks,
                       device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
-                      clip_model=clip_model, clip_pretrained=clip_pretrained)
+                      clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
+                      scale_range=_pair(scale_range, "--scale-range"))
     res = train_segmenter(cfg)
     if DistInfo.from_env().main:
         typer.echo(res.summary())
+
+
+def _pair(text: str, opt: str) -> tuple[float, float]:
+    vals = _floats(text, opt)
+    if len(vals) != 2:
+        raise ClipEsError(f"{opt} must be two comma-separated numbers MIN,MAX, got {text!r}")
+    return vals[0], vals[1]
 
 
 @app.command()
@@ -345,7 +357,7 @@ def export_onnx_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", h
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: run the app, map library errors to one line + exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # non-standalone click returns Exit codes
     except ClipEsError as e:
         if _STATE["debug"]:
             raise
@@ -366,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,72 @@ def _cam_evaluator(which: str) -> Callable[[RunDir, EvalOptions], StagePredictio
     return evaluate
 
 
+def _refine_evaluator(kind: str) -> Callable[[RunDir, EvalOptions], StagePredictions | None]:
+    """Evaluator of the refine stage's PNGs: ``crf`` (CRF argmax, no ignore) or ``masks``
+    (the pseudo masks; 255 = low confidence, so the report adds coverage and precision)."""
+
+    def evaluate(run: RunDir, opts: EvalOptions) -> StagePredictions | None:
+        from clip_es.refine.store import STAGE, output_ids, output_path, read_output
+
+        ids = output_ids(run, kind)
+        if run.stage_info(STAGE) is None or not ids:
+            return None
+        ds = dataset_of_run(run)
+
+        def items() -> Iterator[tuple[str, np.ndarray]]:
+            for image_id in ids:
+                yield image_id, read_output(output_path(run, kind, image_id))
+
+        return StagePredictions(ds, items())
+
+    return evaluate
+
+
+def _heldout_dataset(run: RunDir, split: str | None):
+    """The split a segmenter is evaluated on: ``split`` if given, else the run's split with
+    ``train`` replaced by ``val`` (``train2014`` -> ``val2014``), else ``val``."""
+    if split:
+        return dataset_of_run(run, split)
+    recorded = str((run.read_manifest().get("dataset") or {}).get("split", ""))
+    tried = []
+    for cand in dict.fromkeys([recorded.replace("train", "val"), "val"]):
+        if not cand or cand == recorded:
+            continue
+        tried.append(cand)
+        try:
+            ds = dataset_of_run(run, cand)
+            ds.ids()
+            return ds
+        except DatasetError:
+            continue
+    raise DatasetError(f"{run.path}: no held-out split to evaluate the segmenter on (tried {', '.join(tried) or '-'}); "
+                       "pass --split")
+
+
+def _segmenter_evaluator(name: str) -> Callable[[RunDir, EvalOptions], StagePredictions | None]:
+    """Evaluator of a trained segmenter: predicts with ``RUN/<name>/last.pt`` (its trained classes)
+    on a held-out split (``EvalOptions.split``; default see :func:`_heldout_dataset`)."""
+
+    def evaluate(run: RunDir, opts: EvalOptions) -> StagePredictions | None:
+        ckpt = run.stage_dir(name) / "last.pt"
+        if not ckpt.is_file():
+            return None
+        from clip_es.train.segment import segmenter_predictions
+
+        ds = _heldout_dataset(run, opts.split)
+        return StagePredictions(ds, segmenter_predictions(ckpt, ds), {"split": ds.split})
+
+    return evaluate
+
+
 #: Stage name -> evaluator. Later stages register theirs here (plain dict, no import magic).
 STAGE_EVALUATORS: dict[str, Callable[[RunDir, EvalOptions], StagePredictions | None]] = {
     "cam": _cam_evaluator("cam"),
     "caa": _cam_evaluator("caa"),
+    "crf": _refine_evaluator("crf"),
+    "masks": _refine_evaluator("masks"),
+    "segmenter": _segmenter_evaluator("segmenter"),
+    "segmenter_nofusion": _segmenter_evaluator("segmenter_nofusion"),
 }
 
 
