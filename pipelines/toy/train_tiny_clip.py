@@ -46,6 +46,10 @@ WORDS = list(TOY_CLASSES) + list(TOY_BACKGROUNDS)
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32) * 255
 SIZES = [(64, 64), (96, 96), (128, 128), (160, 160), (128, 192), (96, 160)]
+#: Prompt templates for the per-word prompts, cycled over steps, so the text tower
+#: reads a class name in many phrasings (CLIP-ES's "a clean origami {}." included).
+TEMPLATES = ["a photo of a {}.", "a clean origami {}.", "a picture of a {}.", "an image with a {}.",
+             "a {} in the scene.", "there is a {} here.", "a close-up photo of the {}.", "{}."]
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -115,12 +119,12 @@ def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, same:
 
 
 @torch.no_grad()
-def evaluate_map(model, tokenizer, scenes) -> dict[str, float]:
+def evaluate_map(model, tokenizer, scenes, template: str = "a clean origami {}.") -> dict[str, float]:
     """Zero-shot multi-label mAP (softmax over foreground classes) on full scenes, both poolings."""
     import cv2
 
     model.eval()
-    prompts = tokenizer([f"a photo of a {c}." for c in TOY_CLASSES])
+    prompts = tokenizer([template.format(c) for c in TOY_CLASSES])
     t = F.normalize(dense.encode_text(model, prompts), dim=-1)
     res = {}
     for pooling in ("mean", "cls"):
@@ -190,7 +194,7 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     model = build_tiny_clip(TinyClipConfig()).to(dev).train()
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    word_tokens = tokenizer([f"a photo of a {w}." for w in WORDS]).to(dev)
+    word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
     ml_bias = torch.nn.Parameter(torch.full((len(WORDS),), -2.0, device=dev))
     mil_temp = 10.0
@@ -218,7 +222,7 @@ def main(argv=None) -> None:
         for blk in model.visual.transformer.resblocks:
             tok, _, _ = dense.block_forward(blk, tok)
         txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
-        words = F.normalize(dense.encode_text(model, word_tokens), dim=-1)
+        words = F.normalize(dense.encode_text(model, word_tokens[step % len(TEMPLATES)]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = torch.zeros((), device=dev)
         parts = {}
