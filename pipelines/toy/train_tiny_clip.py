@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES, caption_for, scene_for  # noqa: E402
 from clip_es.model import dense  # noqa: E402
 from clip_es.model.tiny import TinyClipConfig, build_tiny_clip  # noqa: E402
+from clip_es.model.zeroshot import mean_average_precision  # noqa: E402
 
 WORDS = list(TOY_CLASSES) + list(TOY_BACKGROUNDS)
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255
@@ -138,23 +139,9 @@ def evaluate_map(model, tokenizer, scenes, template: str = "a clean origami {}."
             g = np.zeros(len(TOY_CLASSES))
             g[[c - 1 for c in s.labels]] = 1
             gts.append(g)
-        res[pooling] = mean_ap(np.stack(scores), np.stack(gts))
+        res[pooling] = mean_average_precision(np.stack(scores), np.stack(gts))[0]
     model.train()
     return res
-
-
-def mean_ap(scores: np.ndarray, gts: np.ndarray) -> float:
-    """Mean over classes of average precision. ``scores``, ``gts``: ``(n_images, n_classes)``."""
-    aps = []
-    for c in range(scores.shape[1]):
-        order = np.argsort(-scores[:, c])
-        g = gts[order, c]
-        if g.sum() == 0:
-            continue
-        tp = np.cumsum(g)
-        prec = tp / np.arange(1, len(g) + 1)
-        aps.append(float((prec * g).sum() / g.sum()))
-    return float(np.mean(aps))
 
 
 def save_openai_fp16(model, path: Path) -> None:
