@@ -109,6 +109,9 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
         no_softmax: bool = typer.Option(False, "--no-softmax", help="Ablation: GradCAM on the raw logit."),
         no_caa: bool = typer.Option(False, "--no-caa", help="Ablation: skip CAA (caa maps = cam maps)."),
         caa_threshold: float = typer.Option(0.4, "--caa-threshold", help="CAA box threshold (0.4 VOC, 0.7 COCO)."),
+        max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels): larger images are "
+                                     "downscaled to this longer side for CLIP (maps stay at the original size); "
+                                     "0 = no cap."),
         device: str = DeviceOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
         shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I.")) -> None:
@@ -119,7 +122,8 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                     class_file=str(class_file) if class_file else None, model=model, pretrained=pretrained,
                     templates=_templates(template, templates), fusion=fusion, background=background,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
-                    caa_threshold=caa_threshold, device=device, limit=limit, shard=_parse_shard(shard))
+                    caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,
+                    shard=_parse_shard(shard))
     _finish_stage(generate_cams(cfg))
 
 
@@ -157,6 +161,42 @@ def prompts(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitO
         atomic_write_json(json_out, rep)
 
 
+# ----------------------------------------------------------------------------- demo / run
+@app.command()
+def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for the toy data, the run and the "
+                                                                     "contact sheet (re-running resumes)."),
+         n: int = typer.Option(1000, "--n", help="Toy images (the last 20% are the held-out val split)."),
+         seed: int = typer.Option(1, "--seed", help="Toy world seed."),
+         train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Segmenter steps (default: "
+                                                                               "the toy recipe's)."),
+         device: str = DeviceOpt) -> None:
+    """The whole pipeline on the toy world with the bundled tiny CLIP (no network, no arguments needed):
+    toy make -> cam -> refine -> train -> eval, then one table of mIoU per stage with timings."""
+    from clip_es.demo import DemoConfig, run_demo
+
+    res = run_demo(DemoConfig(out=str(out), n=n, seed=seed, train_steps=train_steps, device=device), echo=typer.echo)
+    typer.echo("")
+    typer.echo(res.table())
+    typer.echo(f"\nlook at: {res.sheet} (clipes show contact sheet), per-class IoU: clipes eval --run {res.run}")
+
+
+@app.command("run")
+def run_cmd(recipe: Path = typer.Argument(..., help="Recipe file (see pipelines/*.toml)."),
+            root: Path = RootOpt,
+            out: Path = typer.Option(..., "--out", "-o", help="Run folder (re-running resumes and skips "
+                                                              "finished stages).")) -> None:
+    """Run every stage of a recipe in order (cam, refine, train, eval); finished work is skipped."""
+    from clip_es.evaluate import format_report
+    from clip_es.recipe import load_recipe, run_recipe
+
+    def on_stage(stage, dt, res):
+        typer.echo(f"{res.summary() if hasattr(res, 'summary') else stage + ' done'} ({dt:.0f}s)")
+
+    results = run_recipe(load_recipe(recipe), root, out, on_stage=on_stage)
+    if "eval" in results:
+        typer.echo(format_report(results["eval"]))
+
+
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate."),
@@ -188,6 +228,9 @@ def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam
            iters: int = typer.Option(10, "--iters", help="CRF mean-field iterations."),
            save_conf: bool = typer.Option(False, "--save-conf", help="Also write RUN/refine/conf/<id>.png "
                                                                     "(uint8 round(conf * 255))."),
+           max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels): larger images "
+                                        "are refined at this longer side and the masks scaled back (nearest) to "
+                                        "the original size; 0 = no cap."),
            workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs.")
            ) -> None:
@@ -199,7 +242,7 @@ def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam
     cfg = RefineConfig(run=str(run), crf=not no_crf, conf=conf, alpha=alpha,
                        crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
-                       save_conf=save_conf, workers=workers, limit=limit)
+                       save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit)
     res = refine_masks(cfg)
     typer.echo(res.summary())
     if not res.ok:  # StageFailures -> exit code 1 through main()
@@ -315,6 +358,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                                                       "instead of --classes."),
             device: str = DeviceOpt,
             limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+            max_side: int = typer.Option(2048, "--max-side", help="Predict images whose longer side is above this "
+                                         "on a downscaled copy (bounds memory); 0 = always native size."),
             clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
                                                           "file.")) -> None:
@@ -325,7 +370,7 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
     cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
-                        clip_model=clip_model, clip_pretrained=clip_pretrained)
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None)
     _finish_stage(run_segment(cfg))
 
 
@@ -354,6 +399,10 @@ def export_onnx_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", h
 
 
 # ----------------------------------------------------------------------------- entry point
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: run the app, map library errors to one line + exit code."""
     try:
@@ -361,8 +410,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ClipEsError as e:
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a file problem the library did not foresee: still one line, not a traceback
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {_one_line(e)} (--debug shows the traceback)", err=True)
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
