@@ -1,0 +1,458 @@
+"""The ``train`` stage: fit the segmenter on a run's pseudo masks (``clipes train``).
+
+Outputs in ``RUN/<name>/`` (``name`` defaults to ``segmenter``)::
+
+    config.json   stage parameters (also in the manifest, hashed)
+    text.pt       cached CLIP text embeddings of the classes
+    last.pt       checkpoint: model, optimizer, step, config, class text, RNG state
+    log.csv       loss curve: step, loss (mean over processes), lr
+
+Checkpoints are plain dicts of tensors and JSON-able values (``torch.load(weights_only=True)``),
+written atomically every ``save_every`` steps and at the end. ``resume=True`` continues from
+``last.pt`` and reproduces the loss curve of an uninterrupted run exactly (same device and
+thread count): the sample stream is a function of the step (see :mod:`clip_es.train.data`),
+the LR schedule of the step, and everything else is in the checkpoint.
+
+Multi-process: launched by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), each
+process trains on its own slice of every step's samples with DDP (gloo on CPU, nccl on
+CUDA); ``batch_size`` is per process. Only rank 0 writes files. BatchNorm statistics are
+per process (no SyncBN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clip_es.errors import ClipEsError, ConfigError, RunDirError, WeightsError
+from clip_es.rundir import RunDir, atomic_write, atomic_write_bytes, params_hash
+from clip_es.stage import resolve_device
+from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
+from clip_es.train.losses import get_loss
+from clip_es.train.model import SegmenterArch, backbone_norm, build_segmenter, count_parameters
+from clip_es.train.text import cached_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "clipes-segmenter/1"
+LAST = "last.pt"
+LOG = "log.csv"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``clipes train`` needs. Saved as ``RUN/<name>/config.json``.
+
+    Attributes:
+        run: run directory (with a cam stage, and refine outputs unless ``labels`` says otherwise).
+        name: sub-folder / manifest stage name (``segmenter``; e.g. ``segmenter_nofusion`` for the ablation).
+        labels: ``refine``, ``crf``, ``gt`` or a folder of ``<id>.png`` masks.
+        steps: optimizer steps in total.
+        batch_size: images per step and process.
+        crop_size: training crop side in pixels.
+        lr, weight_decay: AdamW; the LR warms up linearly for ``warmup`` steps then follows a cosine to 0.
+        backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
+        scale_range: random rescale range before cropping.
+        loss: ``ce`` (softmax cross-entropy) or ``sigmoid`` (per-class focal + dice).
+        backbone, backbone_weights, backbone_pretrained: timm CNN and its initialisation.
+        dim, heads, fusion_blocks: segmenter width, attention heads, fusion depth (0 = no fusion).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        seed: decides initialisation, sample order and augmentation.
+        workers: dataloader worker processes.
+        save_every, log_every: checkpoint / log.csv period in steps.
+        resume: continue from ``last.pt`` (required when it exists).
+        clip_model, clip_pretrained: override for the CLIP that embeds the classes (default:
+            the one recorded by the run's cam stage).
+    """
+
+    run: str
+    name: str = "segmenter"
+    labels: str = "refine"
+    steps: int = 2000
+    batch_size: int = 8
+    crop_size: int = 320
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    backbone_lr_mult: float = 1.0
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    loss: str = "ce"
+    backbone: str = "resnet18"
+    backbone_weights: str | None = None
+    backbone_pretrained: bool = False
+    dim: int = 128
+    heads: int = 4
+    fusion_blocks: int = 2
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        get_loss(self.loss)
+        for opt, v, lo in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+                           ("--crop-size", self.crop_size, 32), ("--save-every", self.save_every, 1),
+                           ("--log-every", self.log_every, 1)):
+            if v < lo:
+                raise ConfigError(f"{opt} must be at least {lo}, got {v}")
+        if self.workers < 0 or self.warmup < 0:
+            raise ConfigError("--workers and --warmup must be >= 0")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.backbone_lr_mult >= 0:
+            raise ConfigError(f"--lr must be > 0 and weight decay / backbone LR multiplier >= 0 "
+                              f"(got {self.lr}, {self.weight_decay}, {self.backbone_lr_mult})")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"scale range must satisfy 0 < min <= max, got {self.scale_range}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+        if self.name in ("cam", "refine", "crf"):
+            raise ConfigError(f"--name {self.name!r} is another stage's folder; pick e.g. 'segmenter'")
+        return self
+
+    def arch(self, text_dim: int) -> SegmenterArch:
+        mean, std = backbone_norm(self.backbone)
+        return SegmenterArch(backbone=self.backbone, text_dim=text_dim, dim=self.dim, heads=self.heads,
+                             fusion_blocks=self.fusion_blocks, mean=mean, std=std).validate()
+
+
+#: Fields that do not change what is trained (left out of the manifest hash).
+_RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_every", "clip_model", "clip_pretrained")
+
+
+def stage_params(cfg: TrainConfig) -> dict[str, Any]:
+    p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    p["scale_range"] = list(cfg.scale_range)
+    return p
+
+
+@dataclass
+class TrainResult:
+    """What a training run did."""
+
+    run: str
+    checkpoint: str
+    step: int
+    steps: int
+    last_loss: float | None
+    images_per_s: float | None
+    world_size: int = 1
+    resumed_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = f"train: step {self.step}/{self.steps}"
+        if self.last_loss is not None:
+            s += f", last loss {self.last_loss:.4f}"
+        if self.images_per_s:
+            s += f", {self.images_per_s:.1f} img/s"
+        if self.world_size > 1:
+            s += f" ({self.world_size} processes)"
+        return s + f"; checkpoint {self.checkpoint}"
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (single process when unset)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError as e:
+            raise ConfigError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from e
+        return cls(rank, world, local)
+
+
+@contextmanager
+def distributed(info: DistInfo, device: str) -> Iterator[None]:
+    """Init the process group for ``info`` (no-op for one process), destroy it on exit."""
+    import torch.distributed as dist
+
+    owned = False
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        owned = True
+    try:
+        yield
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _broadcast_error(info: DistInfo, err: BaseException | None) -> None:
+    """Make every rank raise when rank 0 failed during preparation (instead of hanging)."""
+    if not info.enabled:
+        if err is not None:
+            raise err
+        return
+    import torch.distributed as dist
+
+    msg = [f"{type(err).__name__}: {err}" if err is not None else None]
+    dist.broadcast_object_list(msg, src=0)
+    if err is not None:
+        raise err
+    if msg[0] is not None:
+        raise ClipEsError(f"rank 0 failed: {msg[0]}")
+
+
+# ----------------------------------------------------------------------------- helpers
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up for ``min(warmup, steps // 5)`` steps, then cosine decay to 0."""
+    warm = min(cfg.warmup, cfg.steps // 5)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and scalars; backbone LR multiplier."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith("backbone."), p.ndim <= 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_bb, no_wd), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": 0.0 if no_wd else cfg.weight_decay,
+                    "lr_mult": cfg.backbone_lr_mult if is_bb else 1.0})
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st: dict[str, Any] = {"torch": torch.get_rng_state(),
+                          "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                                    "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+                          "python": {"version": py_state[0], "state": list(py_state[1]),
+                                     "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a segmenter checkpoint (``weights_only=True``).
+
+    Raises:
+        WeightsError: missing, unreadable or not a segmenter checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"segmenter checkpoint {path} does not exist; train one with 'clipes train'")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable segmenter checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path}: not a clipes segmenter checkpoint (format {CHECKPOINT_FORMAT})")
+    return ck
+
+
+def _write_log(path: Path, rows: list[list]) -> None:
+    text = "step,loss,lr\n" + "".join(f"{s},{loss!r},{lr!r}\n" for s, loss, lr in rows)
+    atomic_write_bytes(path, text.encode())
+
+
+# ----------------------------------------------------------------------------- the stage
+def train_segmenter(cfg: TrainConfig, progress: bool = True,
+                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train (or resume training) the segmenter of a run. The Python twin of ``clipes train``.
+
+    Args:
+        cfg: configuration.
+        progress: show a tqdm bar (rank 0 only).
+        on_step: called as ``on_step(step, loss)`` after each optimizer step (steps count
+            from 1); may raise to stop (tests use it to simulate a killed run).
+
+    Raises:
+        ClipEsError subclasses: bad options, missing labels, run directory conflicts,
+        an existing checkpoint without ``resume``.
+    """
+    cfg = cfg.validate()
+    info = DistInfo.from_env()
+    device = resolve_device(cfg.device)
+    if device == "cuda" and info.enabled:
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(info.local_rank)
+    with distributed(info, device):
+        return _train(cfg, info, device, progress, on_step)
+
+
+def _prepare(cfg: TrainConfig, run: RunDir, out: Path) -> dict[str, Any]:
+    """Rank-0 preparation: check the checkpoint situation, register the stage, cache the text."""
+    if not run.manifest_path.is_file():
+        raise RunDirError(f"{run.path}: no manifest.json; run 'clipes cam' (and 'clipes refine') into it first")
+    ckpt = out / LAST
+    if ckpt.is_file() and not cfg.resume:
+        raise RunDirError(f"{ckpt} exists; pass --resume to continue it, or delete {out} (and its manifest "
+                          f"entry) / use another --name to train afresh")
+    run.begin_stage(cfg.name, stage_params(cfg))
+    return cached_text(run, out, cfg.clip_model, cfg.clip_pretrained)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
+           on_step: Callable[[int, float], None] | None) -> TrainResult:
+    import torch.distributed as dist
+
+    from clip_es.evaluate import dataset_of_run
+
+    run = RunDir(cfg.run)
+    out = run.stage_dir(cfg.name)
+    payload: dict[str, Any] | None = None
+    err: BaseException | None = None
+    if info.main:
+        try:
+            payload = _prepare(cfg, run, out)
+        except BaseException as e:  # re-raised below on every rank
+            err = e
+    _broadcast_error(info, err)
+    if payload is None:
+        payload = torch.load(out / "text.pt", map_location="cpu", weights_only=True)
+
+    ds = dataset_of_run(run)
+    labels = LabelSource(run, cfg.labels)
+    ids = labels.available(ds, ds.ids())
+    if not ids:
+        raise ConfigError(f"no training masks: none of the {len(ds.ids())} images of split {ds.split!r} has a "
+                          f"mask in label source {cfg.labels!r}")
+    if info.main:
+        log.info("training on %d images of %s (labels: %s)", len(ids), ds.split, cfg.labels)
+
+    ids_hash = params_hash({"ids": ids})
+    text = payload["embeddings"].to(device)
+    arch = cfg.arch(int(text.shape[1]))
+    torch.manual_seed(cfg.seed)
+    model = build_segmenter(arch, cfg.backbone_weights, cfg.backbone_pretrained).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    loss_fn = get_loss(cfg.loss)
+
+    ckpt_path = out / LAST
+    start, rows, resumed = 0, [], None
+    if cfg.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["config"]["arch"] != arch.to_dict():
+            raise RunDirError(f"{ckpt_path} was trained with another architecture; use another --name")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, rows, resumed = int(ck["step"]), [list(r) for r in ck["log"]], int(ck["step"])
+        if ck.get("ids_hash") != ids_hash and info.main:
+            log.warning("the training images changed since %s was saved (labels added or removed): the "
+                        "resumed run samples differently from an uninterrupted one", ckpt_path)
+        _set_rng_state(ck["rng"])
+        if info.main:
+            log.info("resuming %s at step %d", ckpt_path, start)
+
+    net: torch.nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None)
+
+    sampler = StepBatchSampler(len(ids), cfg.batch_size, cfg.steps, start, info.rank, info.world, cfg.seed)
+    mean255 = tuple(int(round(255 * m)) for m in arch.mean)
+    data = CropDataset(ds, ids, labels, cfg.crop_size, cfg.scale_range, cfg.seed, mean255)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.startswith("cuda"))
+
+    def save(step: int) -> None:
+        ck = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+              "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world},
+              "text": payload, "log": [list(r) for r in rows], "rng": _rng_state(), "ids_hash": ids_hash}
+        atomic_write(ckpt_path, lambda f: torch.save(ck, f))
+        _write_log(out / LOG, rows)
+
+    if info.main:
+        log.info("segmenter: %s, %.2fM parameters", arch.backbone, count_parameters(model) / 1e6)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.name}", unit="step",
+               disable=not (progress and info.main))
+    net.train()
+    step, last_loss, rate = start, None, None
+    t_rate, n_rate = time.perf_counter(), 0
+    try:
+        for images, masks in loader:
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            x = images.to(device, non_blocking=True).float().div_(255)
+            y = masks.to(device, non_blocking=True)
+            loss = loss_fn(net(x, text), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.detach()
+            if info.enabled:
+                dist.all_reduce(value)
+                value = value / info.world
+            last_loss = float(value)
+            if not math.isfinite(last_loss):
+                raise ClipEsError(f"loss became {last_loss} at step {step + 1}; lower --lr")
+            step += 1
+            rows.append([step, last_loss, lr])
+            n_rate += x.shape[0] * info.world
+            dt = time.perf_counter() - t_rate
+            if dt > 2.0 or step == cfg.steps:
+                rate, t_rate, n_rate = n_rate / max(dt, 1e-9), time.perf_counter(), 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}" if rate else "-")
+            if info.main:
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save(step)
+                elif step % cfg.log_every == 0:
+                    _write_log(out / LOG, rows)
+            if on_step is not None:
+                on_step(step, last_loss)
+    finally:
+        bar.close()
+    if info.enabled:
+        dist.barrier()
+    if info.main:
+        if step == start and not ckpt_path.is_file():
+            save(step)
+        run.record(cfg.name, status="done" if step >= cfg.steps else "partial", step=step,
+                   last_loss=last_loss, images_per_s=rate, world_size=info.world,
+                   parameters=count_parameters(model))
+    return TrainResult(str(run.path), str(ckpt_path), step, cfg.steps, last_loss, rate, info.world, resumed)
