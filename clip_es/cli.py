@@ -287,7 +287,7 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                      "ignored by the loss), crf (RUN/refine/crf), gt (dataset ground truth) or a "
                                      "folder of <id>.png."),
           name: str = typer.Option("segmenter", "--name", help="Output folder RUN/NAME and manifest stage "
-                                   "(clipes eval reports 'segmenter' and 'segmenter_nofusion')."),
+                                   "(clipes eval reports every segmenter in the run)."),
           steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
           batch_size: int = typer.Option(8, "--batch-size", help="Images per step and process."),
           crop_size: int = typer.Option(320, "--crop-size", help="Training crop side (pixels)."),

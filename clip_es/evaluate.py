@@ -191,8 +191,17 @@ STAGE_EVALUATORS: dict[str, Callable[[RunDir, EvalOptions], StagePredictions | N
     "crf": _refine_evaluator("crf"),
     "masks": _refine_evaluator("masks"),
     "segmenter": _segmenter_evaluator("segmenter"),
-    "segmenter_nofusion": _segmenter_evaluator("segmenter_nofusion"),
 }
+
+
+def run_evaluators(run: RunDir) -> dict[str, Callable[[RunDir, EvalOptions], StagePredictions | None]]:
+    """:data:`STAGE_EVALUATORS` plus every other segmenter the run holds (``clipes train --name X``:
+    a manifest stage whose folder has a ``last.pt``), e.g. the ``--no-fusion`` ablation."""
+    out = dict(STAGE_EVALUATORS)
+    for name in run.read_manifest().get("stages", {}):
+        if name not in out and (run.stage_dir(name) / "last.pt").is_file():
+            out[name] = _segmenter_evaluator(name)
+    return out
 
 
 def score_predictions(preds: StagePredictions, limit: int | None = None, desc: str = "eval",
@@ -233,13 +242,14 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
     rd = RunDir(run)
     if not rd.manifest_path.is_file():
         raise RunDirError(f"{run}: no manifest.json; is this a clipes run folder?")
-    wanted = options.stages or tuple(STAGE_EVALUATORS)
-    unknown = [s for s in wanted if s not in STAGE_EVALUATORS]
+    evaluators = run_evaluators(rd)
+    wanted = options.stages or tuple(evaluators)
+    unknown = [s for s in wanted if s not in evaluators]
     if unknown:
-        raise ClipEsError(f"unknown stage(s) {', '.join(unknown)}; valid: {', '.join(STAGE_EVALUATORS)}")
+        raise ClipEsError(f"unknown stage(s) {', '.join(unknown)}; valid: {', '.join(evaluators)}")
     report: dict[str, Any] = {}
     for stage in wanted:
-        preds = STAGE_EVALUATORS[stage](rd, options)
+        preds = evaluators[stage](rd, options)
         if preds is None:
             continue
         report[stage] = score_predictions(preds, options.limit, desc=f"eval {stage}", progress=progress)

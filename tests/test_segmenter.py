@@ -361,6 +361,15 @@ def test_eval_reports_segmenter(trained, tmp_path):
     assert seg["images"] == 3 and seg["split"] == "val" and 0 <= seg["miou"] <= 1
     rep = evaluate_run(run, EvalOptions(stages=("segmenter",), split="train", limit=2), progress=False)
     assert rep["stages"]["segmenter"]["images"] == 2
+    # a segmenter trained under another --name (an ablation) is found and scored too
+    from clip_es.rundir import RunDir
+
+    shutil.copytree(run / "segmenter", run / "segmenter_ablation")
+    man = RunDir(run).read_manifest()
+    with RunDir(run)._locked() as m:
+        m["stages"]["segmenter_ablation"] = man["stages"]["segmenter"]
+    rep = evaluate_run(run, EvalOptions(limit=1), progress=False)
+    assert rep["stages"]["segmenter_ablation"]["miou"] == rep["stages"]["segmenter"]["miou"]
 
 
 # ----------------------------------------------------------------------------- ONNX
