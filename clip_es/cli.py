@@ -215,7 +215,8 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
 
 # ----------------------------------------------------------------------------- refine
 @app.command()
-def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam stage."),
+def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder holding a cam stage "
+                                     "(--run-dir: the same, for use under torchrun)."),
            no_crf: bool = typer.Option(False, "--no-crf", help="Skip the CRF: argmax of the background and CAA scores (no ignore)."),
            conf: float = typer.Option(0.95, "--conf", help="Confidence threshold: pixels with max_c Q_c below it "
                                                           "become 255 (ignore) in the pseudo mask."),
@@ -232,7 +233,9 @@ def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam
                                         "are refined at this longer side and the masks scaled back (nearest) to "
                                         "the original size; 0 = no cap."),
            workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
-           limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs.")
+           limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs."),
+           shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
+                                                            "(under torchrun: set from the rank).")
            ) -> None:
     """Dense CRF on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/ (palette PNGs,
     255 = ignore), CRF argmax in RUN/refine/crf/. Resumable; parallel over images."""
@@ -242,7 +245,8 @@ def refine(run: Path = typer.Option(..., "--run", help="Run folder holding a cam
     cfg = RefineConfig(run=str(run), crf=not no_crf, conf=conf, alpha=alpha,
                        crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
-                       save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit)
+                       save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
+                       shard=_parse_shard(shard))
     res = refine_masks(cfg)
     typer.echo(res.summary())
     if not res.ok:  # StageFailures -> exit code 1 through main()

@@ -9,9 +9,16 @@ Layout::
 A stage started into a RUN whose manifest holds the same stage with a different
 parameter hash is refused (:class:`~clip_es.errors.RunDirError`), so stale and fresh
 outputs never mix. Per-image files are written to a temp file in the same folder and
-renamed into place, so a killed run leaves either a whole file or none (temp files of a
-killed run are swept at the next start). Manifest updates take an exclusive file lock,
-so several processes (``--shard``, ``torchrun``) can share one run.
+renamed into place, so a killed run leaves either a whole file or none. Temp files are
+named ``.tmp-<pid>.<host>.<random>``; the next start sweeps those whose writer is gone
+(a dead process of this host, or a file untouched for :data:`STALE_AFTER_S`), never a
+live writer's, so a shard started later does not break one that is running. Manifest
+updates take an exclusive file lock, so several processes (``--shard``, ``torchrun``)
+can share one run.
+
+A write that fails (disk full, read-only folder, permission) raises
+:class:`OutputWriteError` naming the file and the fix; the target is left untouched and
+no temp file remains.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import hashlib
 import json
 import os
 import platform
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,6 +40,32 @@ from clip_es.errors import RunDirError
 
 MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
+#: A temp file untouched for this long (seconds) is swept whoever wrote it (other hosts, reused pids).
+STALE_AFTER_S = 3600.0
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+_TMP_NAME = re.compile(r"^\.tmp-(\d+)\.([A-Za-z0-9]*)\.")
+
+
+class OutputWriteError(RunDirError):
+    """An output file could not be written (disk full, read-only or unwritable folder).
+
+    Fatal for a stage: every later write would fail the same way. Files written before
+    it are complete; the run resumes once the cause is fixed.
+    """
+
+
+def write_error(path: str | Path, e: OSError) -> OutputWriteError:
+    """The :class:`OutputWriteError` for an ``OSError`` met while writing ``path``."""
+    import errno
+
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        fix = "free disk space (or choose another --out) and re-run the same command to resume"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "the folder is not writable; choose a writable --out"
+    else:
+        fix = "check the output folder, or choose another --out"
+    return OutputWriteError(f"cannot write {path}: {reason}; {fix}")
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -47,22 +83,39 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _default_file_mode() -> int:
+    """``0o666`` minus the process umask (what ``open(path, "w")`` would give)."""
+    um = os.umask(0)
+    os.umask(um)
+    return 0o666 & ~um
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` atomically: ``write(fileobj)`` into a temp file beside it, fsync, rename.
 
-    On any error the temp file is removed and the error re-raised; ``path`` is untouched.
+    On any error the temp file is removed and ``path`` is untouched; an ``OSError``
+    (disk full, read-only folder...) becomes :class:`OutputWriteError`, others are re-raised.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}.{_HOST}.", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask'd mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # the error below is what matters; a leftover is swept later
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
 
 
@@ -110,7 +163,11 @@ class RunDir:
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write the manifest under an exclusive lock."""
         self.ensure()
-        with open(self.path / ".manifest.lock", "a+") as lock:
+        try:
+            lock = open(self.path / ".manifest.lock", "a+")
+        except OSError as e:
+            raise write_error(self.path / ".manifest.lock", e) from e
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 m = self.read_manifest()
@@ -131,12 +188,14 @@ class RunDir:
     def update_top(self, **fields: Any) -> None:
         """Set top-level manifest fields (dataset, model, ...). Refuses to change a set ``dataset``."""
         with self._locked() as m:
-            for k, v in fields.items():
-                if k == "dataset" and m.get(k) not in (None, v):
-                    raise RunDirError(f"{self.manifest_path}: this run was made for dataset {m[k]}, not {v}; "
-                                      "use a new run folder")
-                m[k] = v
-            m.setdefault("versions", library_versions())
+            self._set_top(m, fields)
+
+    def _set_top(self, m: dict[str, Any], fields: dict[str, Any]) -> None:
+        if "dataset" in fields and m.get("dataset") not in (None, fields["dataset"]):
+            raise RunDirError(f"{self.manifest_path}: this run was made for dataset {m['dataset']}, not "
+                              f"{fields['dataset']}; use a new run folder")
+        m.update(fields)
+        m.setdefault("versions", library_versions())
 
     # ------------------------------------------------------------------ stages
     def stage_dir(self, stage: str) -> Path:
@@ -145,11 +204,19 @@ class RunDir:
     def stage_info(self, stage: str) -> dict[str, Any] | None:
         return self.read_manifest().get("stages", {}).get(stage)
 
-    def begin_stage(self, stage: str, params: dict[str, Any]) -> Path:
+    def begin_stage(self, stage: str, params: dict[str, Any], top: dict[str, Any] | None = None) -> Path:
         """Register (or re-enter) a stage with its parameters; return its folder.
 
+        Args:
+            stage: stage name (its folder name).
+            params: the output-deciding parameters (hashed).
+            top: top-level manifest fields to set (as :meth:`update_top`), written only when
+                the checks pass, in the same locked update, so a refused run changes nothing.
+
         Raises:
-            RunDirError: the stage exists in this run with different parameters.
+            RunDirError: the stage exists in this run with different parameters, or ``top``
+                names another dataset than the run's.
+            OutputWriteError: the run folder cannot be written.
         """
         h = params_hash(params)
         with self._locked() as m:
@@ -162,35 +229,80 @@ class RunDir:
                     f"{self.path}: stage '{stage}' already ran here with other parameters "
                     f"(changed: {', '.join(changed) or 'unknown'}); use a new --out folder, or delete "
                     f"{self.stage_dir(stage)} and its manifest entry to redo it")
+            if top:
+                self._set_top(m, top)
             if old is None:
                 stages[stage] = {"params": params, "hash": h, "status": "running", "failed": {}}
             else:
                 old["status"] = "running"
         d = self.stage_dir(stage)
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(d, e) from e
         atomic_write_json(d / "config.json", params)
         self.sweep_temp(d)
         return d
 
     def record(self, stage: str, *, failed: dict[str, str] | None = None, done: list[str] | None = None,
-               status: str | None = None, **extra: Any) -> None:
-        """Merge per-image failures (``{id: reason}``), clear failures of ``done`` ids, set status/extra."""
+               status: str | Callable[[dict[str, Any]], str] | None = None, **extra: Any) -> None:
+        """Merge per-image failures (``{id: reason}``), clear failures of ``done`` ids, set status/extra.
+
+        ``status`` may be a function of the merged stage entry, evaluated under the manifest
+        lock, so processes sharing a run (shards, torchrun ranks) agree on the final status.
+        """
         with self._locked() as m:
             st = m["stages"][stage]
             fails = st.setdefault("failed", {})
             for i in done or []:
                 fails.pop(i, None)
             fails.update(failed or {})
-            if status:
+            if callable(status):
+                st["status"] = status(st)
+            elif status:
                 st["status"] = status
             st.update(extra)
 
     @staticmethod
     def sweep_temp(folder: Path) -> int:
-        """Remove temp files a killed writer left in ``folder``; return how many."""
+        """Remove temp files a killed writer left in ``folder``; return how many.
+
+        A temp file is left alone while its writer may still be running: one named with
+        a live process id of this host (this process included), or one from another host
+        younger than :data:`STALE_AFTER_S`. Unparsable ``.tmp-*`` names are swept.
+        """
         n = 0
         for p in folder.glob(_TMP_PREFIX + "*"):
+            if _writer_may_be_alive(p):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 n += 1
         return n
+
+
+def _writer_may_be_alive(tmp: Path) -> bool:
+    """Whether the process that writes temp file ``tmp`` may still be running."""
+    m = _TMP_NAME.match(tmp.name)
+    if m is None:
+        return False
+    try:
+        if time.time() - tmp.stat().st_mtime >= STALE_AFTER_S:  # no write stalls that long; pid maybe reused
+            return False
+    except FileNotFoundError:
+        return False
+    pid, host = int(m.group(1)), m.group(2)
+    if host != _HOST:
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    try:  # a killed process nobody has reaped yet (a zombie) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

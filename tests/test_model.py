@@ -72,9 +72,12 @@ def test_resolver_loads_path_and_records_checksum(tiny_clip_path):
     assert clip.sha256 and len(clip.sha256) == 64
     assert clip.patch_size == 16
     assert not any(p.requires_grad for p in clip.model.parameters())
-    # the same file through --model NAME --pretrained PATH
-    clip2 = load_clip("ViT-B-16", str(tiny_clip_path))
-    assert clip2.sha256 == clip.sha256
+    # the same file through --pretrained PATH (default --model clipes-tiny names no architecture)
+    clip2 = load_clip("clipes-tiny", str(tiny_clip_path))
+    assert clip2.sha256 == clip.sha256 and clip2.name == tiny_clip_path.stem
+    # naming an open_clip architecture it is not is refused with the differing shapes
+    with pytest.raises(WeightsError, match="vision width 64 .not 768."):
+        load_clip("ViT-B-16", str(tiny_clip_path))
 
 
 def test_openai_layout_loads_with_open_clip_builder(tiny_clip_path):

@@ -61,3 +61,4 @@ def test_zero_shot_map_on_toy(tiny_clip, toy_root):
     for pooling in ("mean", "cls"):
         rep = zero_shot_map(tiny_clip, ds, ["a photo of a {}."], pooling=pooling)
         assert 0 <= rep["map"] <= 1 and rep["images"] == 9 and set(rep["per_class"]) == {c.name for c in ds.classes}
+

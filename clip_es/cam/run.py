@@ -1,4 +1,25 @@
-"""The ``cam`` stage: per image, softmax-GradCAM and CAA maps into ``RUN/cam/<id>.npz``."""
+"""The ``cam`` stage: per image, softmax-GradCAM and CAA maps into ``RUN/cam/<id>.npz``.
+
+Working resolution. Images whose longer side exceeds ``CamConfig.max_side`` (default
+1024 px) are first downscaled (area interpolation, aspect kept) so that side is
+``max_side``; scales, flips and the CLIP forward then run on that working image, and
+multi-view maps are averaged at its size. The record keeps the original ``(H, W)`` and
+:func:`~clip_es.cam.store.load_cam` upsamples to it, so every reader still gets maps of
+the original size. This bounds the token count (a 8000x6000 photo at native size would
+be a 500x375 grid = 187,500 tokens, whose N x N attention alone is 140 GB); images
+below the cap are processed exactly as without it. Decoding is capped separately at
+:data:`~clip_es.data.image_io.MAX_SIDE`. Memory: one 8000x6000 JPEG with the default
+cap adds 0.83 GB to the process on CPU with the test-size CLIP (peak RSS 1.56 GB, of
+which 0.73 GB is importing torch; decoding the JPEG takes 0.46 GB, at most one decoded
+image is alive at a time); a larger CLIP adds its weights and activations at
+``max_side`` (see ``tests/test_reliability.py``, which asserts the bound).
+
+Failures. Per-image problems (:class:`~clip_es.errors.DatasetError`: unreadable image,
+bad label XML, bad GT when labels come from it; or out of memory on one image) are
+recorded in ``manifest.json`` (``stages.cam.failed``: id -> reason naming the file) and
+the stage goes on. Problems that would hit every image (options, class or labels file,
+weights, an unwritable run folder) raise before or during the loop.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +44,8 @@ from clip_es.model.dense import dense_forward
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
-from clip_es.stage import StageResult, resolve_device, select_ids
+from clip_es.stage import (StageResult, completion_status, dist_shard, resolve_device, select_ids,
+                           working_size)
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -49,6 +71,10 @@ class CamConfig:
         caa_blocks: how many last blocks' attention make the affinity.
         sinkhorn_iters: balancing rounds.
         pooling: image embedding pooling, ``mean`` (CLIP-ES) or ``cls``.
+        max_side: working-resolution cap in pixels: images whose longer side exceeds it
+            are downscaled to it for the CLIP forward (maps are still read back at the
+            original size); ``None`` = no cap (native size; memory grows with the 4th
+            power of the side).
         device: ``cpu``, ``cuda`` or ``auto``.
         limit: only the first ``limit`` images of the split.
         shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
@@ -72,6 +98,7 @@ class CamConfig:
     caa_blocks: int = 8
     sinkhorn_iters: int = 3
     pooling: str = "mean"
+    max_side: int | None = 1024
     device: str = "auto"
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
@@ -91,6 +118,9 @@ class CamConfig:
             raise ConfigError(f"--pooling must be mean or cls, got {self.pooling!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ConfigError(f"--max-side must be a positive number of pixels (0 on the command line: no cap), "
+                              f"got {self.max_side}")
         return self
 
 
@@ -135,6 +165,16 @@ class CamEngine:
         trans = balance_affinity(aff, cfg.sinkhorn_iters)
         return g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)
 
+    def working_image(self, image: np.ndarray) -> np.ndarray:
+        """``image`` itself, or an area-downscaled copy whose longer side is ``cfg.max_side``.
+
+        Idempotent, so a caller may downscale first (and free the original) before :meth:`compute`.
+        """
+        h, w = working_size(image.shape[:2], self.cfg.max_side)
+        if (h, w) == image.shape[:2]:
+            return image
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+
     def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Maps for one image.
@@ -145,8 +185,10 @@ class CamEngine:
 
         Returns:
             ``(cam, caa)``, each ``(K, h, w)`` at the patch grid for a single
-            unflipped scale, else ``(K, H, W)`` averaged over views.
+            unflipped scale, else ``(K, H', W')`` averaged over views, where ``(H', W')``
+            is the working size (``(H, W)`` unless the image exceeds ``cfg.max_side``).
         """
+        image = self.working_image(image)
         H, W = image.shape[:2]
         views = [(s, f) for s in self.cfg.scales for f in ((False, True) if self.cfg.flip else (False,))]
         p = self.clip.patch_size
@@ -198,38 +240,67 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     if cfg.background is None:
         cfg = _replace(cfg, background=DEFAULT_BACKGROUND.get(cfg.dataset, "none"))
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file)
+    all_ids = ds.ids()  # a malformed labels/split file fails here, before the run folder is touched
     run = RunDir(cfg.out)
-    run.ensure()
     engine = build_engine(cfg, ds.classes, clip)
-    run.update_top(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
-                            "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None},
-                   classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
-                   model=engine.clip.describe())
-    out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes))
-    ids = select_ids(ds.ids(), cfg.limit, cfg.shard)
+    run.ensure()
+    top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
+                        "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None},
+               classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
+               model=engine.clip.describe())
+    out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes), top=top)
+    shard = dist_shard(cfg.shard)
+    ids = select_ids(all_ids, cfg.limit, shard)
     res = StageResult(STAGE, str(run.path))
     done_ids: list[str] = []
-    bar = tqdm(ids, desc=f"cam {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard[1] > 1 else "cam", unit="img",
+    bar = tqdm(ids, desc=f"cam {shard[0]}/{shard[1]}" if shard[1] > 1 else "cam", unit="img",
                disable=not progress)
-    for image_id in bar:
-        path = out / f"{image_id}.npz"
-        if path.exists() and is_valid_cam(path):
-            res.skipped += 1
-            continue
-        try:
-            keys = list(ds.labels(image_id))
-            image = ds.load_image(image_id)
-            cam, caa = engine.compute(image, keys)
-            save_cam(path, keys, cam, caa, image.shape[:2])
-        except DatasetError as e:  # per-image: record and go on
-            res.failed[image_id] = str(e)
-            log.warning("%s", e)
-            continue
-        res.done += 1
-        done_ids.append(image_id)
-    status = "done" if not res.failed else "partial"
-    run.record(STAGE, failed=res.failed, done=done_ids, status=status)
+    try:
+        for image_id in bar:
+            path = out / f"{image_id}.npz"
+            if path.exists() and is_valid_cam(path):
+                res.skipped += 1
+                continue
+            reason = _cam_one(engine, ds, image_id, path)
+            if reason is not None:  # per-image: record and go on
+                res.failed[image_id] = reason
+                log.warning("%s", reason)
+                continue
+            res.done += 1
+            done_ids.append(image_id)
+    finally:
+        bar.close()
+    expected = select_ids(all_ids, cfg.limit, (0, 1))
+    run.record(STAGE, failed=res.failed, done=done_ids,
+               status=lambda st: completion_status(st, out, ".npz", expected))
     return res
+
+
+
+def _cam_one(engine: CamEngine, ds, image_id: str, path: Path) -> str | None:
+    """Compute and write one record; ``None`` on success, else the per-image failure reason.
+
+    Raises:
+        OutputWriteError: the record cannot be written (fatal for the stage).
+    """
+    try:
+        keys = list(ds.labels(image_id))
+        image = ds.load_image(image_id)
+        size = image.shape[:2]
+        image = engine.working_image(image)  # the full-size decode is freed before the forward
+        cam, caa = engine.compute(image, keys)
+        del image
+    except DatasetError as e:  # unreadable image, bad label XML, bad GT the labels come from
+        return str(e)
+    except OSError as e:  # an input file that cannot be opened (permissions, I/O error)
+        return f"{image_id}: cannot read its files ({e})"
+    except (MemoryError, torch.cuda.OutOfMemoryError) as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"{image_id}: out of memory ({type(e).__name__}); lower --max-side "
+                f"(now {engine.cfg.max_side}) or --scales")
+    save_cam(path, keys, cam, caa, size)
+    return None
 
 
 def _replace(cfg: CamConfig, **kw) -> CamConfig:

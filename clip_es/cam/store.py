@@ -10,7 +10,8 @@ Arrays (``np.savez_compressed``, written atomically):
 Single-scale runs store maps at the patch grid ``(h, w)``; :func:`load_cam` upsamples
 them to ``(H, W)`` with bilinear interpolation (OpenCV ``resize``), exactly as the
 stage would have, so storing the grid is lossless for every reader. Multi-scale or
-flipped runs average at full size and store ``(H, W)`` maps directly.
+flipped runs average at the working size (the original size, or the ``max_side``-capped
+size for larger images) and store those maps; :func:`load_cam` upsamples them to ``(H, W)``.
 """
 
 from __future__ import annotations

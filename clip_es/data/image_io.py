@@ -5,18 +5,25 @@ palette, 16-bit), with the EXIF orientation applied (so it looks as a viewer sho
 it; ground truth drawn on the rotated view stays aligned, and masks are never
 EXIF-rotated since PNG masks carry no orientation). Images whose longer side exceeds
 ``MAX_SIDE`` are refused before decoding pixels (their header is read only), which bounds
-memory. Failures raise :class:`~clip_es.errors.ImageError` naming the file.
+memory: an accepted image needs at most about ``7 * H * W`` bytes while decoding (PIL's
+4-byte pixels plus the 3-byte array returned), 340 MB for an 8000x6000 photo.
+Failures raise :class:`~clip_es.errors.ImageError` naming the file; so does any
+exception a decoder raises on a malformed file (files from the wild can trip decoders
+in unexpected ways; none of them may stop a batch).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from clip_es.errors import ImageError
+
+log = logging.getLogger(__name__)
 
 #: Longest accepted image side in pixels (an 8000x6000 photo is 8000). Larger images
 #: are refused with a message; resize them first. 48 MP RGB = 144 MB decoded.
@@ -44,13 +51,22 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
                     raise ImageError(f"{path}: image is {im.size[0]}x{im.size[1]}, above the {max_side}-pixel "
                                      "side limit; downscale it first")
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                try:
+                    ImageOps.exif_transpose(im, in_place=True)
+                except Exception as e:  # noqa: BLE001 - a broken EXIF block: use the pixels as stored,
+                    log.debug("%s: EXIF orientation ignored (%s)", path, e)  # as image_size does
                 return _to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    except MemoryError as e:
+        raise ImageError(f"{path}: out of memory decoding it") from e
+    except Exception as e:  # noqa: BLE001 - decoders raise many types on malformed files
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -72,8 +88,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
                 orientation = int(im.getexif().get(0x0112, 1))
             except Exception:  # a broken EXIF block: read_image's exif_transpose ignores it too
                 orientation = 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - as in read_image
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from e
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -81,13 +97,17 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max() if arr.size else 1.0
-        arr = (arr / (65535.0 if hi > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
+        arr /= 65535.0 if hi > 255 else 255.0  # in place: one float copy of a (large) image at most
+        arr *= 255.0
+        np.clip(arr, 0, 255, out=arr)
+        gray = arr.astype(np.uint8)
+        del arr
+        return np.repeat(gray[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no extra copy for RGB
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -98,10 +118,12 @@ def read_mask(path: str | Path) -> np.ndarray:
             if im.mode not in ("P", "L"):
                 raise ImageError(f"{path}: mask must be a palette or grayscale PNG, got mode {im.mode}")
             return np.asarray(im).copy()
+    except ImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageError(f"{path}: mask file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable mask ({e})") from e
+    except Exception as e:  # noqa: BLE001 - as in read_image: a corrupt file is an ImageError
+        raise ImageError(f"{path}: not a readable mask ({type(e).__name__}: {_first_line(e)})") from e
 
 
 def voc_palette() -> list[int]:

@@ -153,6 +153,31 @@ def _build_openai(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
                            f"{str(e).splitlines()[0][:300]}") from e
 
 
+def _openai_shapes(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Architecture numbers of an OpenAI-layout state dict (as open_clip's builder infers them)."""
+    return {"vision width": int(sd["visual.conv1.weight"].shape[0]),
+            "vision layers": len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
+            "patch size": int(sd["visual.conv1.weight"].shape[-1]),
+            "embed dim": int(sd["text_projection"].shape[1]),
+            "text width": int(sd["ln_final.weight"].shape[0]),
+            "text layers": len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})}
+
+
+def _check_architecture(sd: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+    """Refuse an OpenAI-layout checkpoint whose shapes are not those of open_clip's ``arch``."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch) or {}
+    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    want = {"vision width": v.get("width"), "vision layers": v.get("layers"), "patch size": v.get("patch_size"),
+            "embed dim": cfg.get("embed_dim"), "text width": t.get("width"), "text layers": t.get("layers")}
+    have = _openai_shapes(sd)
+    diff = [f"{k} {have[k]} (not {want[k]})" for k in want if isinstance(want[k], int) and want[k] != have[k]]
+    if diff:
+        raise WeightsError(f"{path} is not a {arch} checkpoint: {', '.join(diff)}; pass the --model it was "
+                           f"trained as, or leave --model out (--model {path} loads it by its own shapes)")
+
+
 def _build_open_clip(name: str, sd: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
     import open_clip
 
@@ -190,8 +215,11 @@ def load_checkpoint_file(path: str | Path, arch: str | None = None, device: str 
     path = Path(path)
     sd = read_state_dict(path)
     if _is_openai_layout(sd):
+        named = bool(arch) and arch not in (str(path), TINY_NAME)
+        if named and arch in _open_clip_models():
+            _check_architecture(sd, arch, path)
         model = _build_openai(sd)
-        name = arch if arch and arch != str(path) else path.stem
+        name = arch if named else path.stem
     else:
         if not arch or arch == str(path):
             raise WeightsError(f"{path} is not in the OpenAI layout; name its open_clip architecture with "
@@ -199,6 +227,12 @@ def load_checkpoint_file(path: str | Path, arch: str | None = None, device: str 
         model = _build_open_clip(arch, sd, path)
         name = arch
     return _finish(model, name, str(path), file_sha256(path), device)
+
+
+def _open_clip_models() -> list[str]:
+    import open_clip
+
+    return open_clip.list_models()
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
