@@ -14,7 +14,6 @@ import torch
 from tests.test_segmenter import BACKBONE, base_run  # noqa: F401  (session fixture reused)
 
 
-@pytest.mark.slow  # 20 s on an idle 2-core machine, 1-2 min while other jobs share it (3 processes start)
 def test_torchrun_two_processes(base_run, tmp_path):  # noqa: F811
     # --run-dir, not --run: torchrun's argparse refuses "--run" as an ambiguous prefix of its --run-path
     run = tmp_path / "run"

@@ -32,7 +32,6 @@ def test_dist_shard_reads_torchrun_env(monkeypatch):
     assert dist_shard((1, 3)) == (1, 3)  # an explicit --shard wins
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(toy_root, tiny_clip_path, tmp_path):
     cam_args = ["cam", "--dataset", "toy", "--root", str(toy_root), "--split", "trainval", "--model",
                 str(tiny_clip_path), "--template", "a photo of a {}.", "--device", "cpu"]
