@@ -41,3 +41,15 @@ def toy_root(tmp_path_factory) -> Path:
     from clip_es.data.toy import make_toy
 
     return make_toy(tmp_path_factory.mktemp("toy") / "toy", n=12, seed=5, val_fraction=0.25, progress=False)
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run ``clipes ARGV`` in-process and return its exit code (0 when ``main`` returns)."""
+    from clip_es.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+

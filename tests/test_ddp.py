@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from tests.test_segmenter import BACKBONE, base_run  # noqa: F401  (session fixture reused)

@@ -15,6 +15,7 @@ from clip_es.refine.crf import IGNORE
 from clip_es.refine.run import RefineConfig, refine_masks
 from clip_es.refine.store import CONF, MASKS, output_ids, output_path, read_output
 from clip_es.visualize import show_run
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,6 @@ def refined(tmp_path_factory, toy_root, tiny_clip_path) -> Path:
     res = refine_masks(RefineConfig(run=str(out), conf=0.6, save_conf=True, workers=1), progress=False)
     assert res.ok and res.done == 5
     return out
-
-
-def _cli(argv: list[str]) -> int:
-    from clip_es.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 # ============================================================================ export
@@ -111,11 +102,11 @@ def test_export_errors(refined: Path, tmp_path: Path) -> None:
 
 
 def test_cli_export(refined: Path, tmp_path: Path, capsys) -> None:
-    assert _cli(["export", "--run", str(refined), "--format", "coco", "--out", str(tmp_path / "m.json")]) == 0
+    assert run_cli(["export", "--run", str(refined), "--format", "coco", "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["annotations"]
-    assert _cli(["export", "--run", str(refined), "--format", "png", "--out", str(tmp_path / "d")]) == 0
+    assert run_cli(["export", "--run", str(refined), "--format", "png", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "classes.txt").is_file()
-    assert _cli(["export", "--run", str(refined), "--format", "bmp", "--out", str(tmp_path / "e")]) == 2
+    assert run_cli(["export", "--run", str(refined), "--format", "bmp", "--out", str(tmp_path / "e")]) == 2
     assert "coco, png" in capsys.readouterr().err
 
 
@@ -146,7 +137,7 @@ def test_show_errors(refined: Path, tmp_path: Path) -> None:
 
 def test_cli_show(refined: Path, tmp_path: Path, capsys) -> None:
     ids = output_ids(refined, MASKS)
-    assert _cli(["show", "--run", str(refined), "--id", ids[0], "--out", str(tmp_path / "s.png")]) == 0
+    assert run_cli(["show", "--run", str(refined), "--id", ids[0], "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000
-    assert _cli(["show", "--run", str(refined), "--n", "2", "--out", str(tmp_path / "t.png")]) == 0
-    assert _cli(["show", "--run", str(refined), "--id", "missing", "--out", str(tmp_path / "u.png")]) == 2
+    assert run_cli(["show", "--run", str(refined), "--n", "2", "--out", str(tmp_path / "t.png")]) == 0
+    assert run_cli(["show", "--run", str(refined), "--id", "missing", "--out", str(tmp_path / "u.png")]) == 2

@@ -18,6 +18,7 @@ from clip_es.refine.crf import (IGNORE, CrfParams, conf_to_uint8, dense_crf, lab
 from clip_es.refine.run import RefineConfig, refine_masks
 from clip_es.refine.store import CONF, CRF, MASKS, output_ids, output_path, read_output
 from clip_es.rundir import RunDir
+from tests.conftest import run_cli
 
 NUM_TOY_CLASSES = 8
 
@@ -52,16 +53,6 @@ def reference(cam_run, tmp_path_factory) -> Path:
 
 def _outputs(run: Path) -> dict[str, bytes]:
     return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted((run / "refine").glob("*/*.png"))}
-
-
-def _cli(argv: list[str]) -> int:
-    from clip_es.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 # ============================================================================ pure core
@@ -226,19 +217,19 @@ def test_per_image_failure_recorded_and_stage_goes_on(cam_run: Path, tmp_path: P
     assert st["status"] == "partial" and bad.stem in st["failed"]
     assert not output_path(run, MASKS, bad.stem).exists()
     # the CLI maps the failure to exit code 1 (and the rest is skipped)
-    assert _cli(["refine", "--run", str(run), "--workers", "1", "--limit", "5"]) == 1
+    assert run_cli(["refine", "--run", str(run), "--workers", "1", "--limit", "5"]) == 1
 
 
 def test_cli_refine_and_eval_rows(cam_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy_run(cam_run, tmp_path / "run")
-    assert _cli(["refine", "--run", str(run), "--workers", "2", "--limit", "3", "--iters", "4",
+    assert run_cli(["refine", "--run", str(run), "--workers", "2", "--limit", "3", "--iters", "4",
                  "--save-conf"]) == 0
     assert len(output_ids(run, MASKS)) == 3 and len(output_ids(run, CONF)) == 3
     assert RunDir(run).stage_info("refine")["params"]["crf_params"]["iters"] == 4
-    assert _cli(["refine", "--run", str(run), "--conf", "0.5"]) == 2  # changed params: refused
-    assert _cli(["refine", "--run", str(run), "--workers", "0"]) == 2
+    assert run_cli(["refine", "--run", str(run), "--conf", "0.5"]) == 2  # changed params: refused
+    assert run_cli(["refine", "--run", str(run), "--workers", "0"]) == 2
     capsys.readouterr()
-    assert _cli(["eval", "--run", str(run)]) == 0
+    assert run_cli(["eval", "--run", str(run)]) == 0
     table = capsys.readouterr().out
     head = table.splitlines()[0].split()
     assert head == ["class", "cam", "caa", "crf", "masks"]

@@ -47,6 +47,7 @@ from clip_es.refine.crf import IGNORE
 from clip_es.refine.run import RefineConfig, refine_masks
 from clip_es.refine.store import CRF, MASKS, output_path, read_output
 from clip_es.rundir import OutputWriteError, RunDir
+from tests.conftest import run_cli
 
 TEMPLATE = "a photo of a {}."
 
@@ -81,14 +82,8 @@ def _cam_argv(root: Path, out: Path, clip_path: Path, *extra: str, dataset: str 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run ``clipes`` in-process; ``(exit code, stdout, stderr)``."""
-    from clip_es.cli import main
-
     capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
+    code = run_cli(argv)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 

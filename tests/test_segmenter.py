@@ -21,6 +21,7 @@ from clip_es.errors import ConfigError, RunDirError, WeightsError
 from clip_es.train.data import StepBatchSampler, scale_crop_flip
 from clip_es.train.losses import ce_loss, sigmoid_focal_dice_loss
 from clip_es.train.model import BoundSegmenter, SegmenterArch, build_segmenter, create_backbone
+from tests.conftest import run_cli
 
 BACKBONE = "test_resnet"
 SMALL = dict(labels="gt", batch_size=2, crop_size=64, backbone=BACKBONE, dim=32, heads=4, device="cpu",
@@ -64,17 +65,6 @@ def trained(base_run, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     train_segmenter(TrainConfig(run=str(dst), steps=4, **SMALL), progress=False)
     return dst
-
-
-def _cli(args: list[str]) -> int:
-    """Run ``clipes ARGS`` in-process; the exit code (0 when main returns)."""
-    from clip_es.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _text(k: int, d: int = 64, seed: int = 0) -> torch.Tensor:
@@ -296,8 +286,8 @@ def test_trains_on_refine_outputs(tmp_path, tiny_clip_path, toy_root):
         assert res.step == 2 and np.isfinite(res.last_loss)
 
 
-def test_train_cli(run_dir, capsys):
-    code = _cli(["train", "--run", str(run_dir), "--labels", "gt", "--steps", "2", "--batch-size", "1",
+def test_trainrun_cli(run_dir, capsys):
+    code = run_cli(["train", "--run", str(run_dir), "--labels", "gt", "--steps", "2", "--batch-size", "1",
               "--crop-size", "64", "--backbone", BACKBONE, "--dim", "32", "--device", "cpu", "--no-fusion",
               "--loss", "sigmoid", "--seed", "3"])
     assert code == 0
@@ -328,9 +318,9 @@ def test_segment_dataset_and_folder(trained, toy_root, tmp_path):
         assert read_mask(p).shape == image_size(toy_root / "JPEGImages" / f"{p.stem}.jpg")
 
 
-def test_segment_open_vocab_cli(trained, toy_root, tmp_path):
+def test_segment_open_vocabrun_cli(trained, toy_root, tmp_path):
     out = tmp_path / "ov"
-    code = _cli(["segment", "--checkpoint", str(trained / "segmenter" / "last.pt"), "--images",
+    code = run_cli(["segment", "--checkpoint", str(trained / "segmenter" / "last.pt"), "--images",
               str(toy_root / "JPEGImages"), "--out", str(out), "--classes", "ball,zebra,kite", "--limit", "2",
               "--device", "cpu"])
     assert code == 0
@@ -346,7 +336,7 @@ def test_segment_open_vocab_cli(trained, toy_root, tmp_path):
     kite = [c.name for c in seg.classes].index("kite")
     assert torch.equal(sub.text[0], seg.text[kite]) and sub.text.shape == (2, seg.text.shape[1])
     # a class list of another run's folder is refused
-    assert _cli(["segment", "--checkpoint", str(trained / "segmenter" / "last.pt"), "--images",
+    assert run_cli(["segment", "--checkpoint", str(trained / "segmenter" / "last.pt"), "--images",
                  str(toy_root / "JPEGImages"), "--out", str(out), "--classes", "ball", "--limit", "2",
                  "--device", "cpu"]) == 2
 
@@ -396,7 +386,7 @@ def test_onnx_export_parity(trained, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert len(json.loads(meta["clipes.classes"])) == 8
     # the CLI, with a sub-list of classes baked in
-    assert _cli(["export-onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "two.onnx"), "--classes",
+    assert run_cli(["export-onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "two.onnx"), "--classes",
                  "kite,ball", "--height", "64", "--width", "64"]) == 0
     sess = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"image": np.zeros((1, 3, 64, 96), np.float32)})[0].shape == (1, 3, 64, 96)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from clip_es.cam.gradcam import softmax_gradcam
 from clip_es.cam.store import is_valid_cam, save_cam, upsample
 from clip_es.data.base import ClassSpec
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
-from clip_es.errors import ClipEsError, ConfigError, DatasetError
+from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings

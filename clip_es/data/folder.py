@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_es.data.base import ClassSpec, check_id, read_class_file, validate_gt
-from clip_es.data.image_io import image_size, read_image, read_mask
+from clip_es.data.base import ClassSpec, check_id, read_class_file
+from clip_es.data.image_io import read_gt, read_image
 from clip_es.errors import ClassFileError, DatasetError, LabelError
 
 log = logging.getLogger(__name__)
@@ -257,5 +257,4 @@ class FolderDataset:
         p = self.gt_path(image_id)
         if p is None:
             return None
-        img = self.image_path(image_id)
-        return validate_gt(read_mask(p), len(self.classes), p, image_size(img) if img.is_file() else None, img)
+        return read_gt(p, len(self.classes), self.image_path(image_id))

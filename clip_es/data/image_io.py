@@ -150,3 +150,17 @@ def mask_to_png_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def read_gt(mask_path: Path, num_classes: int, image_path: Path) -> np.ndarray:
+    """Read a ground-truth mask and check it against the class count and, when the image
+    file exists, its image's size (after EXIF rotation).
+
+    Raises:
+        ImageError: unreadable mask, values outside ``0..K`` and not 255, or a size mismatch.
+    """
+    from clip_es.data.base import validate_gt
+
+    return validate_gt(read_mask(mask_path), num_classes, mask_path,
+                       image_size(image_path) if image_path.is_file() else None, image_path)
+
