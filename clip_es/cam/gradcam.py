@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_es.model.dense import Pooling, block_forward, pool_tokens
+from clip_es.model.dense import Pooling, attention, block_forward, pool_tokens
 
 
 @dataclass
@@ -76,7 +76,7 @@ def softmax_gradcam(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[in
 
     with torch.enable_grad():
         a = blk.ln_1(x).detach().requires_grad_(True)  # the activations A (1, 1+N, C)
-        y, probs_attn = _attention_from_ln1(blk, a)
+        y, probs_attn = attention(blk.attn, a, need_weights=True)  # explicit softmax: vmappable
         out = x + blk.ls_1(y)
         out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
         img = F.normalize(pool_tokens(visual, out, pooling), dim=-1)  # (1, D)
@@ -95,11 +95,3 @@ def softmax_gradcam(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[in
     weights = grads[:, 1:].mean(1)  # (K, C): spatial mean of the gradient
     cam = F.relu(weights @ acts.t()).reshape(k, h, w)
     return GradCamOutput(minmax(cam), probs_attn.detach()[0, 1:, 1:], logits.detach()[0])
-
-
-def _attention_from_ln1(blk: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last block's attention on its LayerNorm-1 output ``a``; explicit softmax so that
-    the batched (vmapped) backward works and the attention map comes for free."""
-    from clip_es.model.dense import _attention
-
-    return _attention(blk.attn, a, need_weights=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,7 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     """
     cfg = cfg.validate()
     if cfg.background is None:
-        cfg = _replace(cfg, background=DEFAULT_BACKGROUND.get(cfg.dataset, "none"))
+        cfg = replace(cfg, background=DEFAULT_BACKGROUND.get(cfg.dataset, "none"))
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file)
     all_ids = ds.ids()  # a malformed labels/split file fails here, before the run folder is touched
     run = RunDir(cfg.out)
@@ -302,8 +302,3 @@ def _cam_one(engine: CamEngine, ds, image_id: str, path: Path) -> str | None:
     save_cam(path, keys, cam, caa, size)
     return None
 
-
-def _replace(cfg: CamConfig, **kw) -> CamConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)

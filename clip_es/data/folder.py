@@ -64,6 +64,16 @@ def _json_kind(value: object) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _image_key(name: str, where: str) -> tuple[str, str | None]:
+    """``(id, extension)`` of a labels-file image name; an unsafe id is a :class:`LabelError`."""
+    image_id, ext = split_image_name(name)
+    try:
+        check_id(image_id, where)
+    except DatasetError as e:
+        raise LabelError(str(e)) from e
+    return image_id, ext
+
+
 class FolderDataset:
     """Images in a folder with image-level labels from a CSV or JSON file.
 
@@ -165,11 +175,7 @@ class FolderDataset:
                 if len(cells) > 2:
                     raise LabelError(f"{where}: expected 2 columns 'image,label1;label2', got {len(cells)} "
                                      f"({','.join(cells)!r}); separate labels with ';' not ','")
-                image_id, ext = split_image_name(cells[0])
-                try:
-                    check_id(image_id, where)
-                except DatasetError as e:
-                    raise LabelError(str(e)) from e
+                image_id, ext = _image_key(cells[0], where)
                 if image_id in out:
                     raise LabelError(f"{where}: image {image_id!r} is listed twice (also on line "
                                      f"{first_line[image_id]}); keep one row per image with all its labels")
@@ -197,11 +203,7 @@ class FolderDataset:
         key_of: dict[str, str] = {}
         for key, value in data:
             where = f"{p}: id {key!r}"
-            image_id, ext = split_image_name(key.strip())
-            try:
-                check_id(image_id, where)
-            except DatasetError as e:
-                raise LabelError(str(e)) from e
+            image_id, ext = _image_key(key.strip(), where)
             if image_id in out:
                 raise LabelError(f"{where}: image {image_id!r} is listed twice (keys {key_of[image_id]!r} and "
                                  f"{key!r}); keep one entry per image")

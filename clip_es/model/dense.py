@@ -95,12 +95,16 @@ def embed(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[
     return x, (h, w)
 
 
-def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool = False,
+              attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention with ``attn``'s weights on batch-first ``x`` ``(B, L, C)``.
 
+    Args:
+        attn_mask: optional additive ``(L, L)`` mask (the text tower's causal mask).
+
     Returns the output ``(B, L, C)`` and, if asked, the head-averaged attention
-    probabilities ``(B, L, L)``.
+    probabilities ``(B, L, L)`` (computed with an explicit softmax, which the batched
+    GradCAM backward can vmap over; otherwise a fused kernel).
     """
     b, n, c = x.shape
     heads = attn.num_heads
@@ -108,25 +112,28 @@ def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     if need_weights:
         scores = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = scores + attn_mask
         probs = scores.softmax(-1)
         out = probs @ v
         avg = probs.mean(1)
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         avg = None
     out = out.transpose(1, 2).reshape(b, n, c)
     return attn.out_proj(out), avg
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, need_weights: bool = False
+def block_forward(block: nn.Module, x: torch.Tensor, need_weights: bool = False,
+                  attn_mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One open_clip ``ResidualAttentionBlock`` on batch-first tokens.
+    """One open_clip ``ResidualAttentionBlock`` on batch-first tokens (vision or text tower).
 
     Returns:
         ``(out (B, L, C), ln_1 activations (B, L, C), head-averaged attention (B, L, L) or None)``.
     """
     a = block.ln_1(x)
-    y, probs = _attention(block.attn, a, need_weights)
+    y, probs = attention(block.attn, a, need_weights, attn_mask)
     x = x + block.ls_1(y)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, a, probs
@@ -196,14 +203,7 @@ def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     x = model.token_embedding(tokens[:, :n]) + model.positional_embedding[:n]
     mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
     for blk in model.transformer.resblocks:
-        a = blk.ln_1(x)
-        b, L, c = a.shape
-        heads = blk.attn.num_heads
-        qkv = F.linear(a, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        q, k, v = qkv.view(b, L, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, L, c)
-        x = x + blk.ls_1(blk.attn.out_proj(y))
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x, _, _ = block_forward(blk, x, attn_mask=mask)
     x = model.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
     return pooled @ model.text_projection
