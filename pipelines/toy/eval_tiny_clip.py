@@ -34,22 +34,24 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "toy", help="held-out toy dataset folder")
     ap.add_argument("--split", default="val")
     ap.add_argument("--out", type=Path, default=None, help="run folder for the cam stage (default: a temp dir)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images (quick comparisons)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
     if not (args.root / "ImageSets" / "Segmentation" / f"{args.split}.txt").is_file():
         make_toy(args.root, n=1000, seed=1)
     clip = load_clip(args.model)
     ds = open_dataset("toy", args.root, args.split)
-    maps = {p: zero_shot_map(clip, ds, pooling=p)["map"] for p in ("mean", "cls")}
+    maps = {p: zero_shot_map(clip, ds, pooling=p, limit=args.limit)["map"] for p in ("mean", "cls")}
     out = args.out or Path(tempfile.mkdtemp(prefix="tinyeval-"))
-    generate_cams(CamConfig(dataset="toy", root=str(args.root), split=args.split, out=str(out), model=args.model),
+    generate_cams(CamConfig(dataset="toy", root=str(args.root), split=args.split, out=str(out), model=args.model,
+                            limit=args.limit),
                   clip=clip, progress=False)
     rep = evaluate_run(out, EvalOptions(stages=("cam", "caa")), progress=False)
     print(format_report(rep))
     size = Path(clip.source.removeprefix("bundled:")).stat().st_size if not clip.source.startswith("bundled:") \
         else (ROOT / "clip_es" / "model" / "weights" / clip.source.removeprefix("bundled:")).stat().st_size
     fg = {k: v for k, v in rep["stages"]["cam"]["per_class"].items() if k != "background"}
-    figures = {"model": args.model, "images": len(ds.ids()), "map_mean_pooling": maps["mean"],
+    figures = {"model": args.model, "images": len(ds.ids()[:args.limit]), "map_mean_pooling": maps["mean"],
                "map_cls_pooling": maps["cls"], "cam_miou": rep["stages"]["cam"]["miou"],
                "caa_miou": rep["stages"]["caa"]["miou"], "worst_class_cam": min(fg.items(), key=lambda kv: kv[1]),
                "checkpoint_mb": size / 2**20}

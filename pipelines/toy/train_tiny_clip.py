@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~31 min on 2 cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~37 min on 2 cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
@@ -17,6 +17,10 @@ open_clip pools):
   * optional multiple-instance term (``--mil``): each projected patch token is scored
     against the word prompts and a log-sum-exp over the patches must agree with the
     same image-level labels. It asks "is the class somewhere in here", never "where".
+
+Experimental terms, off by default and not part of the shipped recipe (what each did is in
+pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
+``--deep-mil``. None uses labels beyond the image-level ones above.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
@@ -115,6 +119,12 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the rows of ``(B, N, N)`` attention (renormalised), over ``log N``: 1 = uniform."""
+    p = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+    return -(p * p.clamp(min=1e-12).log()).sum(-1).mean() / math.log(p.shape[-1])
+
+
 def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     logits = scale * img @ txt.t()
     target = same / same.sum(1, keepdim=True)
@@ -157,13 +167,26 @@ def save_openai_fp16(model, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the log")
-    ap.add_argument("--steps", type=int, default=1800, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=2600, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
     ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
     ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
     ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
     ap.add_argument("--mil", type=float, default=0.5, help="weight of the multiple-instance patch term (0=off)")
+    ap.add_argument("--attn-sharpen", type=float, default=0.0,
+                    help="weight of the attention-entropy term (0=off): the normalised entropy of every "
+                         "block's head-averaged patch-to-patch attention rows; uses no labels")
+    ap.add_argument("--attn-purity", type=float, default=0.0,
+                    help="weight of the region-purity term (0=off): each patch's attention row (mean over "
+                         "blocks, self excluded) pools the other patches' word distributions; the pooled "
+                         "distribution's entropy is the loss. Uses no labels")
+    ap.add_argument("--qk-tied-init", action="store_true",
+                    help="start every vision block with key weights equal to its query weights, so attention "
+                         "begins as feature similarity (init only; the weights train freely)")
+    ap.add_argument("--deep-mil", default="",
+                    help="comma-separated 1-based vision blocks whose tokens also get the MIL term "
+                         "(through ln_post and proj), e.g. 3,4,5")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between mAP evaluations/checkpoints")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
@@ -182,6 +205,12 @@ def main(argv=None) -> None:
 
     dev = torch.device(args.device)
     model = build_tiny_clip(TinyClipConfig()).to(dev).train()
+    if args.qk_tied_init:
+        with torch.no_grad():
+            for blk in model.visual.transformer.resblocks:
+                c = blk.attn.embed_dim
+                blk.attn.in_proj_weight[c:2 * c] = blk.attn.in_proj_weight[:c]
+    deep_blocks = [int(b) for b in args.deep_mil.split(",") if b.strip()]
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
@@ -208,8 +237,13 @@ def main(argv=None) -> None:
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
 
         tok, _ = dense.embed(model.visual, x)
-        for blk in model.visual.transformer.resblocks:
-            tok, _, _ = dense.block_forward(blk, tok)
+        entropies, hidden = [], {}
+        for bi, blk in enumerate(model.visual.transformer.resblocks, 1):
+            tok, _, probs = dense.block_forward(blk, tok, need_weights=args.attn_sharpen > 0 or args.attn_purity > 0)
+            if probs is not None:
+                entropies.append(probs[:, 1:, 1:])
+            if bi in deep_blocks:
+                hidden[bi] = tok
         txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
         words = F.normalize(dense.encode_text(model, word_tokens[step % len(TEMPLATES)]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
@@ -223,13 +257,29 @@ def main(argv=None) -> None:
             parts[f"cap_{pooling}"] = lc.item()
             parts[f"ml_{pooling}"] = lm.item()
         if args.mil > 0:
-            patches = F.normalize(model.visual.ln_post(tok[:, 1:]) @ model.visual.proj, dim=-1)
-            cos = patches @ words.t()  # (B, N, W)
-            # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
-            pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
-            lmil = masked_bce(pooled + ml_bias, labels)
-            loss = loss + args.mil * lmil
-            parts["mil"] = lmil.item()
+            for name, t in [("mil", tok)] + [(f"mil{b}", hidden[b]) for b in deep_blocks if b in hidden]:
+                patches = F.normalize(model.visual.ln_post(t[:, 1:]) @ model.visual.proj, dim=-1)
+                cos = patches @ words.t()  # (B, N, W)
+                # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
+                pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
+                lmil = masked_bce(pooled + ml_bias, labels)
+                loss = loss + args.mil * lmil
+                parts[name] = lmil.item()
+        if args.attn_sharpen > 0:
+            lent = torch.stack([row_entropy(a) for a in entropies]).mean()
+            loss = loss + args.attn_sharpen * lent
+            parts["attn_ent"] = lent.item()
+        if args.attn_purity > 0:
+            with torch.no_grad():
+                pt = F.normalize(model.visual.ln_post(tok[:, 1:]) @ model.visual.proj, dim=-1)
+                word_p = (ml_scale * pt @ words.t()).softmax(-1)  # (B, N, W), a target only
+            aff = torch.stack(entropies).mean(0)
+            aff = aff * (1 - torch.eye(aff.shape[-1], device=dev))
+            aff = aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
+            region = aff @ word_p
+            lpur = -(region * region.clamp(min=1e-12).log()).sum(-1).mean() / math.log(region.shape[-1])
+            loss = loss + args.attn_purity * lpur
+            parts["purity"] = lpur.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,7 +290,7 @@ def main(argv=None) -> None:
         if step % 25 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             print(f"step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                  + f" scale {float(scale):.1f} | {el / (step + 1):.2f}s/step, {el / 60:.1f} min", flush=True)
+                  + f" scale {scale.item():.1f} | {el / (step + 1):.2f}s/step, {el / 60:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             m = evaluate_map(model, tokenizer, held)
             rec = {"step": step + 1, "minutes": (time.time() - t_train) / 60, "loss": loss.item(), **parts,
