@@ -4,7 +4,7 @@
 
 For every foreground object of the first ``--n`` images (ground truth at the patch grid,
 majority class per patch), the mean over the object's patches of the share of their
-attention row that lands on the same object, per block, for the mean over blocks and for
+attention row that lands on the same object, per block, for the mean over the last ``--last`` blocks (as CAA averages them) and for
 the CAA transition matrix (Sinkhorn-balanced, symmetrised, squared). ``area`` is the
 object's share of the image: the value a uniform (object-blind) row would give.
 ``perplexity/N``: exp(row entropy) over the patch count, 1 = uniform attention.
@@ -56,7 +56,7 @@ def own_share(mat: np.ndarray, lab: np.ndarray, c: int, rows_of: np.ndarray | No
 
 
 @torch.no_grad()
-def measure(model: str, root: Path, split: str, n: int) -> dict:
+def measure(model: str, root: Path, split: str, n: int, last: int = 8) -> dict:
     clip = load_clip(model)
     ds = open_dataset("toy", root, split)
     stats: dict[str, list[float]] = {}
@@ -70,7 +70,7 @@ def measure(model: str, root: Path, split: str, n: int) -> dict:
             tok, _, probs = block_forward(blk, tok, need_weights=True)
             mats.append(probs[0, 1:, 1:].double())
         lab = patch_labels(ds.load_gt(image_id), grid)
-        mean = torch.stack(mats).mean(0)
+        mean = torch.stack(mats[-last:]).mean(0)  # the blocks CAA averages
         trans = balance_affinity(mean.float()).double()
         named = {f"block{i + 1}": m for i, m in enumerate(mats)} | {"mean": mean, "T": trans}
         p = mean / mean.sum(1, keepdim=True)
@@ -99,8 +99,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "toy")
     ap.add_argument("--split", default="val")
     ap.add_argument("--n", type=int, default=60, help="images to measure")
+    ap.add_argument("--last", type=int, default=8, help="blocks averaged for 'mean' and T (as cam's --caa-blocks)")
     args = ap.parse_args()
-    print(json.dumps(measure(args.model, args.root, args.split, args.n), indent=1))
+    print(json.dumps(measure(args.model, args.root, args.split, args.n, args.last), indent=1))
 
 
 if __name__ == "__main__":

@@ -171,6 +171,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
     ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
+    ap.add_argument("--held", type=int, default=200, help="monitor scenes (world seed + 1) for the mAP log")
     ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
     ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
     ap.add_argument("--mil", type=float, default=0.5, help="weight of the multiple-instance patch term (0=off)")
@@ -187,6 +188,9 @@ def main(argv=None) -> None:
     ap.add_argument("--deep-mil", default="",
                     help="comma-separated 1-based vision blocks whose tokens also get the MIL term "
                          "(through ln_post and proj), e.g. 3,4,5")
+    ap.add_argument("--vision-width", type=int, default=TinyClipConfig.vision_width,
+                    help="vision tower width (a multiple of 64; heads = width / 64)")
+    ap.add_argument("--vision-layers", type=int, default=TinyClipConfig.vision_layers, help="vision tower blocks")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between mAP evaluations/checkpoints")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
@@ -200,11 +204,12 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     scenes = [scene_for(args.seed, i) for i in range(args.scenes)]
-    held = [scene_for(args.seed + 1, i) for i in range(200)]
+    held = [scene_for(args.seed + 1, i) for i in range(args.held)]
     print(f"rendered {len(scenes)} scenes in {time.time() - t0:.0f}s", flush=True)
 
     dev = torch.device(args.device)
-    model = build_tiny_clip(TinyClipConfig()).to(dev).train()
+    model = build_tiny_clip(TinyClipConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
+                            ).to(dev).train()
     if args.qk_tied_init:
         with torch.no_grad():
             for blk in model.visual.transformer.resblocks:
