@@ -45,6 +45,23 @@ def test_experimental_attention_terms_enter_the_loss(tmp_path):
     assert 0 <= rec["map_mean"] <= 1 and 0 <= rec["map_cls"] <= 1
 
 
+def test_shared_colour_world_is_scoped_to_the_run(tmp_path):
+    from clip_es.data import toy
+
+    train = _script("train_tiny_clip")
+    before = toy.scene_for(3, 0).image.copy()
+    with train.shared_colours():
+        changed = [toy.scene_for(3, i) for i in range(40)]
+    plain = [toy.scene_for(3, i) for i in range(40)]
+    # same layout and masks, other pixels only where a ring or heart is drawn
+    assert all((a.mask == b.mask).all() for a, b in zip(changed, plain))
+    recoloured = [i for i, s in enumerate(plain) if {3, 4} & set(s.labels)]
+    assert recoloured and all((changed[i].image != plain[i].image).any() for i in recoloured)
+    assert (toy.scene_for(3, 0).image == before).all()  # restored afterwards
+    train.main(["--out", str(tmp_path), "--shared-colours"] + SMALL)
+    assert toy._hsv_color.__name__ == "_hsv_color"
+
+
 def test_attention_stats_are_shares(toy_root, tiny_clip_path):
     stats = _script("attn_stats").measure(str(tiny_clip_path), toy_root, "val", n=3)
     assert stats["objects"] > 0

@@ -20,7 +20,8 @@ open_clip pools):
 
 Experimental terms, off by default and not part of the shipped recipe (what each did is in
 pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
-``--deep-mil``. None uses labels beyond the image-level ones above.
+``--deep-mil``, and the world-change probe ``--shared-colours``. None uses labels beyond
+the image-level ones above.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
@@ -30,6 +31,7 @@ step count; single-threaded data generation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -57,6 +59,25 @@ SIZES = [(64, 64), (96, 96), (128, 128), (160, 160), (128, 192), (96, 160)]
 #: reads a class name in many phrasings (CLIP-ES's "a clean origami {}." included).
 TEMPLATES = ["a photo of a {}.", "a clean origami {}.", "a picture of a {}.", "an image with a {}.",
              "a {} in the scene.", "there is a {} here.", "a close-up photo of the {}.", "{}."]
+
+
+#: ``--shared-colours``: hue remapping that gives two class pairs one colour family
+#: (ring takes the ball's red, heart takes the star's orange), so a patch's colour no
+#: longer names its class. A world-change experiment; the shipped world is unchanged.
+SHARED_HUES = {135: 0, 165: 27}
+
+
+@contextlib.contextmanager
+def shared_colours():
+    """Within the block, the toy renderer gives ring/ball and heart/star the same hues."""
+    from clip_es.data import toy
+
+    base = toy._hsv_color
+    toy._hsv_color = lambda rng, hue, *rest: base(rng, SHARED_HUES.get(hue, hue), *rest)
+    try:
+        yield
+    finally:
+        toy._hsv_color = base
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -166,7 +187,7 @@ def save_openai_fp16(model, path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the log")
+    ap.add_argument("--out", type=Path, default=None, help="folder for checkpoints and the log (required to train)")
     ap.add_argument("--steps", type=int, default=2600, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
@@ -191,11 +212,27 @@ def main(argv=None) -> None:
     ap.add_argument("--vision-width", type=int, default=TinyClipConfig.vision_width,
                     help="vision tower width (a multiple of 64; heads = width / 64)")
     ap.add_argument("--vision-layers", type=int, default=TinyClipConfig.vision_layers, help="vision tower blocks")
+    ap.add_argument("--shared-colours", action="store_true",
+                    help="world-change experiment: ring and ball share a colour family, heart and star too")
+    ap.add_argument("--make-toy", type=Path, default=None, metavar="DIR",
+                    help="only write the held-out toy set (as `clipes toy make --n 1000 --seed 1`) in this "
+                         "run's world to DIR, then exit (to evaluate a --shared-colours model)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between mAP evaluations/checkpoints")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    if args.out is None and args.make_toy is None:
+        ap.error("--out is required")
+    with shared_colours() if args.shared_colours else contextlib.nullcontext():
+        if args.make_toy is not None:
+            from clip_es.data.toy import make_toy
 
+            make_toy(args.make_toy, n=1000, seed=1)
+            return
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
     import open_clip
 
     torch.manual_seed(args.seed)
