@@ -7,6 +7,12 @@ Every error message says what went wrong, where, and how to fix it.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(e)``, at most ``limit`` characters ("" for an empty message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 class ClipEsError(Exception):
     """Base class of every error the library raises on purpose."""
 

@@ -7,7 +7,6 @@ stay light.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +64,16 @@ def working_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]
         return h, w
     r = max_side / max(h, w)
     return max(1, round(h * r)), max(1, round(w * r))
+
+
+def fit_image(image, max_side: int | None):
+    """``image`` itself, or an area-downscaled copy at :func:`working_size` (longer side ``max_side``)."""
+    h, w = working_size(image.shape[:2], max_side)
+    if (h, w) == image.shape[:2]:
+        return image
+    import cv2
+
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def select_ids(ids: list[str], limit: int | None, shard: tuple[int, int]) -> list[str]:

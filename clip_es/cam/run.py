@@ -44,8 +44,7 @@ from clip_es.model.dense import dense_forward
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
-from clip_es.stage import (StageResult, completion_status, dist_shard, resolve_device, select_ids,
-                           working_size)
+from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -170,10 +169,7 @@ class CamEngine:
 
         Idempotent, so a caller may downscale first (and free the original) before :meth:`compute`.
         """
-        h, w = working_size(image.shape[:2], self.cfg.max_side)
-        if (h, w) == image.shape[:2]:
-            return image
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        return fit_image(image, self.cfg.max_side)
 
     def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
                 ) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from clip_es.errors import ImageError
+from clip_es.errors import ImageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
     except MemoryError as e:
         raise ImageError(f"{path}: out of memory decoding it") from e
     except Exception as e:  # noqa: BLE001 - decoders raise many types on malformed files
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {first_line(e)})") from e
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -89,7 +84,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
             except Exception:  # a broken EXIF block: read_image's exif_transpose ignores it too
                 orientation = 1
     except Exception as e:  # noqa: BLE001 - as in read_image
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from e
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {first_line(e)})") from e
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -123,7 +118,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     except FileNotFoundError as e:
         raise ImageError(f"{path}: mask file not found") from e
     except Exception as e:  # noqa: BLE001 - as in read_image: a corrupt file is an ImageError
-        raise ImageError(f"{path}: not a readable mask ({type(e).__name__}: {_first_line(e)})") from e
+        raise ImageError(f"{path}: not a readable mask ({type(e).__name__}: {first_line(e)})") from e
 
 
 def voc_palette() -> list[int]:
@@ -163,4 +158,3 @@ def read_gt(mask_path: Path, num_classes: int, image_path: Path) -> np.ndarray:
 
     return validate_gt(read_mask(mask_path), num_classes, mask_path,
                        image_size(image_path) if image_path.is_file() else None, image_path)
-

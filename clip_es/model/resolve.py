@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from clip_es.errors import RegistryError, WeightsError
+from clip_es.errors import RegistryError, WeightsError, first_line
 from clip_es.model.tiny import TINY_CHECKPOINT, TINY_NAME
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if "weights_only" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
             raise WeightsError(f"{path}: refused: the file holds Python objects beyond tensors and loading it "
                                "could run code; re-save it as a plain state dict") from e
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg.splitlines()[0][:200]})") \
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})") \
             from e
 
 
@@ -150,7 +150,7 @@ def _build_openai(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
         return build_model_from_openai_state_dict(sd, cast_dtype=torch.float32).float()
     except (RuntimeError, KeyError) as e:
         raise WeightsError(f"OpenAI-layout checkpoint does not fit a CLIP built from its own shapes: "
-                           f"{str(e).splitlines()[0][:300]}") from e
+                           f"{first_line(e, 300)}") from e
 
 
 def _openai_shapes(sd: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -188,7 +188,7 @@ def _build_open_clip(name: str, sd: dict[str, torch.Tensor], path: Path) -> torc
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise WeightsError(f"{path} does not match architecture {name}: {str(e).splitlines()[0][:300]}; "
+        raise WeightsError(f"{path} does not match architecture {name}: {first_line(e, 300)}; "
                            "pass the --model this checkpoint was trained with") from e
     return model
 

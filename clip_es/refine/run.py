@@ -51,7 +51,7 @@ from clip_es.evaluate import dataset_of_run, scores_to_labels
 from clip_es.refine.crf import CrfParams, conf_to_uint8, dense_crf, labels_from_q, scores_to_probs, stack_scores
 from clip_es.refine.store import CONF, CRF, MASKS, STAGE, is_valid_png, refine_dir
 from clip_es.rundir import OutputWriteError, RunDir, atomic_write_bytes
-from clip_es.stage import StageResult, completion_status, dist_shard, select_ids, working_size
+from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, select_ids, working_size
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ class _Job:
             raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its cam maps are "
                                f"{size[1]}x{size[0]}; the image changed since 'clipes cam' ran; "
                                "re-run cam into a new run folder")
-        if work != size:
-            image = cv2.resize(image, (work[1], work[0]), interpolation=cv2.INTER_AREA)
+        image = fit_image(image, self.max_side)  # at ``work``
         q = dense_crf(image, scores_to_probs(stack_scores(caa, self.alpha)), self.crf_params)
         del image, caa
         labels, conf, mask = labels_from_q(q, maps.keys, self.conf)
@@ -292,7 +291,7 @@ def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
     if len(ids) < len(all_ids):
         log.info("%d of %d images of the split have no cam output; refining the %d that do",
                  len(all_ids) - len(ids), len(all_ids), len(ids))
-    expected = ids[: cfg.limit] if cfg.limit else ids
+    expected = select_ids(ids, cfg.limit, (0, 1))
     ids = select_ids(ids, cfg.limit, dist_shard(cfg.shard))
     out = run.begin_stage(STAGE, stage_params(cfg, cam_info.get("hash")))
     kinds = (MASKS, CRF, CONF) if cfg.save_conf else (MASKS, CRF) if cfg.crf else (MASKS,)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_es.errors import ClipEsError, ConfigError, RunDirError, WeightsError
+from clip_es.errors import ClipEsError, ConfigError, RunDirError, WeightsError, first_line
 from clip_es.rundir import RunDir, atomic_write, atomic_write_bytes, params_hash
 from clip_es.stage import resolve_device
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
@@ -286,7 +286,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path}: not a readable segmenter checkpoint ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]})") from e
+                           f"{first_line(e)})") from e
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path}: not a clipes segmenter checkpoint (format {CHECKPOINT_FORMAT})")
     return ck

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_es.errors import ConfigError, RegistryError, WeightsError
+from clip_es.errors import ConfigError, RegistryError, WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"--backbone-weights {path}: not a plain state dict readable with weights_only=True "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-save it with "
+                           f"({type(e).__name__}: {first_line(e)}); re-save it with "
                            "torch.save(model.state_dict(), path)") from e
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -173,7 +173,7 @@ def create_backbone(name: str, weights: str | Path | None = None, pretrained: bo
     except RuntimeError as e:
         if weights is not None:
             raise WeightsError(f"--backbone-weights {weights} does not fit timm model {name}: "
-                               f"{str(e).splitlines()[0][:300]}") from e
+                               f"{first_line(e, 300)}") from e
         raise
     except (TypeError, AttributeError) as e:
         raise RegistryError(f"timm model {name} cannot produce feature maps (features_only); "

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from clip_es.data.base import ClassSpec
-from clip_es.errors import ClipEsError, ConfigError
+from clip_es.errors import ClipEsError, ConfigError, first_line
 from clip_es.train.model import BoundSegmenter
 from clip_es.train.segment import load_segmenter
 from clip_es.train.text import specs_to_lists
@@ -78,7 +78,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, classes: Sequence[Class
     except ClipEsError:
         raise
     except Exception as e:
-        raise ClipEsError(f"ONNX export of {checkpoint} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
+        raise ClipEsError(f"ONNX export of {checkpoint} failed: {type(e).__name__}: {first_line(e, 300)}") \
             from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from clip_es.data.base import ClassSpec, check_id, read_class_file
 from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
-from clip_es.stage import StageResult, resolve_device
+from clip_es.stage import StageResult, fit_image, resolve_device
 from clip_es.train.loop import load_checkpoint
 from clip_es.train.model import STRIDE, Segmenter, SegmenterArch
 from clip_es.train.text import lists_to_specs, specs_to_lists, text_for_classes
@@ -128,12 +128,10 @@ def predict_labels(seg: LoadedSegmenter, image: np.ndarray, max_side: int | None
     ``None`` = always native size.
     """
     H, W = image.shape[:2]
-    if max_side is not None and max(H, W) > max_side:
-        s = max_side / max(H, W)
-        small = cv2.resize(image, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
-        labels = predict_logits(seg, small).argmax(0).to(torch.uint8).cpu().numpy()
-        return cv2.resize(labels, (W, H), interpolation=cv2.INTER_NEAREST)
-    return predict_logits(seg, image).argmax(0).to(torch.uint8).cpu().numpy()
+    labels = predict_logits(seg, fit_image(image, max_side)).argmax(0).to(torch.uint8).cpu().numpy()
+    if labels.shape != (H, W):
+        labels = cv2.resize(labels, (W, H), interpolation=cv2.INTER_NEAREST)
+    return labels
 
 
 @dataclass(frozen=True)

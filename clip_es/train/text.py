@@ -101,12 +101,6 @@ def embed(clip, classes: Sequence[ClassSpec], templates: Sequence[str], fusion: 
     return class_embeddings(clip, list(classes), list(templates) or [DEFAULT_TEMPLATE], fusion).float().cpu()
 
 
-def make_payload(setup: dict[str, Any], embeddings: torch.Tensor, clip_record: dict[str, Any]) -> dict[str, Any]:
-    return {"classes": setup["classes"], "embeddings": embeddings.float().contiguous(),
-            "templates": list(setup["templates"]), "fusion": setup["fusion"], "clip": dict(clip_record),
-            "key": params_hash({k: setup[k] for k in ("classes", "templates", "fusion", "clip")})}
-
-
 def cached_text(run: RunDir, folder: Path, clip_model: str | None = None, clip_pretrained: str | None = None,
                 device: str = "cpu") -> dict[str, Any]:
     """The run's class text, from ``folder/text.pt`` when it matches the run, else computed and saved."""
@@ -123,7 +117,8 @@ def cached_text(run: RunDir, folder: Path, clip_model: str | None = None, clip_p
             log.warning("ignoring unreadable %s (%s)", path, e)
     clip = load_recorded_clip(setup["clip"], clip_model, clip_pretrained, device)
     emb = embed(clip, lists_to_specs(setup["classes"]), setup["templates"], setup["fusion"])
-    payload = make_payload(setup, emb, setup["clip"])
+    payload = {"classes": setup["classes"], "embeddings": emb.contiguous(), "templates": list(setup["templates"]),
+               "fusion": setup["fusion"], "clip": dict(setup["clip"]), "key": key}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(payload, f))
     return payload
