@@ -25,6 +25,7 @@ from clip_es.data.registry import open_dataset  # noqa: E402
 from clip_es.data.toy import make_toy  # noqa: E402
 from clip_es.evaluate import EvalOptions, evaluate_run, format_report  # noqa: E402
 from clip_es.model.resolve import load_clip  # noqa: E402
+from clip_es.model.tiny import TINY_CHECKPOINT  # noqa: E402
 from clip_es.model.zeroshot import zero_shot_map  # noqa: E402
 
 
@@ -48,9 +49,8 @@ def main() -> None:
                   clip=clip, progress=False)
     rep = evaluate_run(out, EvalOptions(stages=("cam", "caa")), progress=False)
     print(format_report(rep))
-    size = Path(clip.source.removeprefix("bundled:")).stat().st_size if not clip.source.startswith("bundled:") \
-        else (ROOT / "clip_es" / "model" / "weights" / clip.source.removeprefix("bundled:")).stat().st_size
-    fg = {k: v for k, v in rep["stages"]["cam"]["per_class"].items() if k != "background"}
+    size = (TINY_CHECKPOINT if clip.source.startswith("bundled:") else Path(clip.source)).stat().st_size
+    fg = {k: v for k, v in rep["stages"]["cam"]["per_class"].items() if k != "background" and v is not None}
     figures = {"model": args.model, "images": len(ds.ids()[:args.limit]), "map_mean_pooling": maps["mean"],
                "map_cls_pooling": maps["cls"], "cam_miou": rep["stages"]["cam"]["miou"],
                "caa_miou": rep["stages"]["caa"]["miou"], "worst_class_cam": min(fg.items(), key=lambda kv: kv[1]),

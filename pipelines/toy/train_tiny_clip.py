@@ -140,6 +140,11 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+def project_patches(visual, tokens: torch.Tensor) -> torch.Tensor:
+    """``(B, 1+N, C)`` block output -> ``(B, N, D)`` unit-norm patch embeddings in the text space."""
+    return F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
+
+
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the rows of ``(B, N, N)`` attention (renormalised), over ``log N``: 1 = uniform."""
     p = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -253,6 +258,7 @@ def train(args: argparse.Namespace) -> None:
                 c = blk.attn.embed_dim
                 blk.attn.in_proj_weight[c:2 * c] = blk.attn.in_proj_weight[:c]
     deep_blocks = [int(b) for b in args.deep_mil.split(",") if b.strip()]
+    need_attn = args.attn_sharpen > 0 or args.attn_purity > 0
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
@@ -279,11 +285,11 @@ def train(args: argparse.Namespace) -> None:
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
 
         tok, _ = dense.embed(model.visual, x)
-        entropies, hidden = [], {}
+        attn_maps, hidden = [], {}  # patch-to-patch attention per block (when a term needs it)
         for bi, blk in enumerate(model.visual.transformer.resblocks, 1):
-            tok, _, probs = dense.block_forward(blk, tok, need_weights=args.attn_sharpen > 0 or args.attn_purity > 0)
+            tok, _, probs = dense.block_forward(blk, tok, need_weights=need_attn)
             if probs is not None:
-                entropies.append(probs[:, 1:, 1:])
+                attn_maps.append(probs[:, 1:, 1:])
             if bi in deep_blocks:
                 hidden[bi] = tok
         txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
@@ -300,26 +306,23 @@ def train(args: argparse.Namespace) -> None:
             parts[f"ml_{pooling}"] = lm.item()
         if args.mil > 0:
             for name, t in [("mil", tok)] + [(f"mil{b}", hidden[b]) for b in deep_blocks if b in hidden]:
-                patches = F.normalize(model.visual.ln_post(t[:, 1:]) @ model.visual.proj, dim=-1)
-                cos = patches @ words.t()  # (B, N, W)
+                cos = project_patches(model.visual, t) @ words.t()  # (B, N, W)
                 # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
                 pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
                 lmil = masked_bce(pooled + ml_bias, labels)
                 loss = loss + args.mil * lmil
                 parts[name] = lmil.item()
         if args.attn_sharpen > 0:
-            lent = torch.stack([row_entropy(a) for a in entropies]).mean()
+            lent = torch.stack([row_entropy(a) for a in attn_maps]).mean()
             loss = loss + args.attn_sharpen * lent
             parts["attn_ent"] = lent.item()
         if args.attn_purity > 0:
             with torch.no_grad():
-                pt = F.normalize(model.visual.ln_post(tok[:, 1:]) @ model.visual.proj, dim=-1)
-                word_p = (ml_scale * pt @ words.t()).softmax(-1)  # (B, N, W), a target only
-            aff = torch.stack(entropies).mean(0)
+                word_p = (ml_scale * project_patches(model.visual, tok) @ words.t()).softmax(-1)  # a target only
+            aff = torch.stack(attn_maps).mean(0)
             aff = aff * (1 - torch.eye(aff.shape[-1], device=dev))
             aff = aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
-            region = aff @ word_p
-            lpur = -(region * region.clamp(min=1e-12).log()).sum(-1).mean() / math.log(region.shape[-1])
+            lpur = row_entropy(aff @ word_p)  # rows already sum to 1
             loss = loss + args.attn_purity * lpur
             parts["purity"] = lpur.item()
         opt.zero_grad(set_to_none=True)
