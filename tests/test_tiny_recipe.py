@@ -38,11 +38,41 @@ def test_recipe_is_deterministic_for_a_seed(tmp_path):
 def test_experimental_attention_terms_enter_the_loss(tmp_path):
     train = _script("train_tiny_clip")
     train.main(["--out", str(tmp_path), "--attn-sharpen", "0.5", "--attn-purity", "0.5", "--qk-tied-init",
-                "--deep-mil", "1"] + SMALL)
+                "--deep-mil", "1", "--region-ml", "1", "--attn-region", "1", "--attn-avoid", "1"] + SMALL)
     rec = json.loads((tmp_path / "log.json").read_text())["evals"][-1]
-    for key in ("attn_ent", "purity", "mil", "mil1"):
+    for key in ("attn_ent", "purity", "mil", "mil1", "region", "attn_region", "attn_avoid"):
         assert 0 <= rec[key] < 10, key
     assert 0 <= rec["map_mean"] <= 1 and 0 <= rec["map_cls"] <= 1
+
+
+def test_box_labels_name_what_the_view_shows_there():
+    import cv2
+    import numpy as np
+
+    from clip_es.data.toy import TOY_CLASSES, scene_for
+
+    train = _script("train_tiny_clip")
+    k = len(TOY_CLASSES)
+    rng = np.random.default_rng(0)
+    flipped = negatives = 0
+    for i in range(60):
+        scene = scene_for(1000, i)
+        size = train.SIZES[i % len(train.SIZES)]
+        _, labels, _, geom = train.sample_view(scene, rng, size, full_p=0.4)
+        y0, x0, y1, x1, flip = geom
+        assert (train.visible_labels(scene.mask, (y0, x0, y1, x1), scene.background)[0] == labels).all()
+        view_mask = cv2.resize(scene.mask[y0:y1, x0:x1], (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        view_mask = view_mask[:, ::-1] if flip else view_mask
+        grid = (size[0] // 16, size[1] // 16)
+        weights, box_labels = train.sample_regions(scene, geom, grid, rng, 3)
+        for w, lab in zip(weights, box_labels):
+            ys, xs = np.nonzero(w.reshape(grid))
+            shown = set(np.unique(view_mask[ys.min() * 16:(ys.max() + 1) * 16, xs.min() * 16:(xs.max() + 1) * 16]))
+            assert {c + 1 for c in np.nonzero(lab[:k] == 1)[0]} <= shown  # a positive is really in the box
+            assert np.isclose(w.sum(), 1)
+            negatives += int(((labels[:k] == 1) & (lab[:k] == 0)).sum())
+        flipped += flip
+    assert flipped > 10 and negatives > 20  # flips were exercised; boxes miss objects the view has
 
 
 def test_shared_colour_world_is_scoped_to_the_run(tmp_path):

@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~37 min on 2 cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~41-46 min on 2 cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
@@ -14,14 +14,20 @@ open_clip pools):
   * caption InfoNCE (image <-> caption, in-batch negatives, identical captions positive);
   * multi-label sigmoid loss against per-word prompts ``a photo of a {word}.`` for every
     foreground and background word;
-  * optional multiple-instance term (``--mil``): each projected patch token is scored
-    against the word prompts and a log-sum-exp over the patches must agree with the
-    same image-level labels. It asks "is the class somewhere in here", never "where".
+  * multiple-instance term (``--mil``): each projected patch token is scored against the
+    word prompts and a log-sum-exp over the patches must agree with the same image-level
+    labels. It asks "is the class somewhere in here", never "where";
+  * box terms: ``--regions`` boxes on each view's patch grid, labelled by the same
+    crop rule (what is clearly visible in the box), but pooled inside the whole view's
+    forward pass, so nothing outside a box may leak into it. ``--region-ml`` scores the
+    box's mean-pooled patch embedding; ``--attn-region`` pools the detached final patch
+    embeddings through the box's mean attention rows (self excluded), so its gradient
+    reaches only the attention CAA later reads.
 
 Experimental terms, off by default and not part of the shipped recipe (what each did is in
 pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
-``--deep-mil``, and the world-change probe ``--shared-colours``. None uses labels beyond
-the image-level ones above.
+``--deep-mil``, ``--attn-avoid``, and the world-change probe ``--shared-colours``. None
+uses labels beyond the image-level ones above: a box's labels are a crop's labels.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
@@ -85,10 +91,43 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def visible_labels(mask: np.ndarray, box: tuple[int, int, int, int], background: int):
+    """Labels of the objects clearly visible in ``mask[y0:y1, x0:x1]`` (the caption writer's rule).
+
+    An object counts as present when at least 40% of it, or 15% of the box, is inside;
+    a sliver (over 5% of it or 2% of the box) is ignored (-1); else absent. Background
+    likewise by its share of the box. Returns ``(labels (len(WORDS),), names, bg_name)``.
+    """
+    y0, x0, y1, x1 = box
+    cm = mask[y0:y1, x0:x1]
+    area = max(1, cm.size)
+    totals = np.bincount(mask.ravel(), minlength=len(TOY_CLASSES) + 1)
+    inside_all = np.bincount(cm.ravel(), minlength=len(TOY_CLASSES) + 1)
+    labels = np.zeros(len(WORDS), np.float32)
+    names = []
+    for c in range(1, len(TOY_CLASSES) + 1):
+        total, inside = int(totals[c]), int(inside_all[c])
+        if total == 0:
+            continue
+        if inside >= 0.4 * total or inside >= 0.15 * area:
+            labels[c - 1] = 1
+            names.append(TOY_CLASSES[c - 1])
+        elif inside > 0.05 * total or inside > 0.02 * area:
+            labels[c - 1] = -1  # a sliver: neither present nor absent
+    bg_share = float(inside_all[0]) / area
+    bgi = len(TOY_CLASSES) + background
+    if bg_share >= 0.15:
+        labels[bgi] = 1
+    elif bg_share > 0.02:
+        labels[bgi] = -1
+    return labels, names, (TOY_BACKGROUNDS[background] if labels[bgi] == 1 else None)
+
+
 def sample_view(scene, rng: np.random.Generator, size: tuple[int, int], full_p: float):
     """A crop (or the whole image) of a scene resized to ``size``, with its labels.
 
-    Returns ``(image (h, w, 3) uint8, labels (len(WORDS),) float in {0, 1, -1=ignore}, caption)``.
+    Returns ``(image (h, w, 3) uint8, labels (len(WORDS),) float in {0, 1, -1=ignore}, caption,
+    (y0, x0, y1, x1, flipped))``; the last item says where the view sits in the scene.
     """
     import cv2
 
@@ -106,32 +145,43 @@ def sample_view(scene, rng: np.random.Generator, size: tuple[int, int], full_p: 
         x0 = int(rng.integers(0, W - cw + 1))
         y1, x1 = y0 + ch, x0 + cw
     crop = img[y0:y1, x0:x1]
-    cm = mask[y0:y1, x0:x1]
-    area = cm.size
-    labels = np.zeros(len(WORDS), np.float32)
-    names = []
-    for c in range(1, len(TOY_CLASSES) + 1):
-        total = int((mask == c).sum())
-        if total == 0:
-            continue
-        inside = int((cm == c).sum())
-        if inside >= 0.4 * total or inside >= 0.15 * area:
-            labels[c - 1] = 1
-            names.append(TOY_CLASSES[c - 1])
-        elif inside > 0.05 * total or inside > 0.02 * area:
-            labels[c - 1] = -1  # a sliver: neither present nor absent
-    bg_share = float((cm == 0).sum()) / area
-    bgi = len(TOY_CLASSES) + scene.background
-    if bg_share >= 0.15:
-        labels[bgi] = 1
-    elif bg_share > 0.02:
-        labels[bgi] = -1
-    bg_name = TOY_BACKGROUNDS[scene.background] if labels[bgi] == 1 else None
+    labels, names, bg_name = visible_labels(mask, (y0, x0, y1, x1), scene.background)
     out = cv2.resize(crop, (size[1], size[0]), interpolation=cv2.INTER_AREA if crop.shape[0] > size[0]
                      else cv2.INTER_CUBIC)
-    if rng.random() < 0.5:
+    flipped = bool(rng.random() < 0.5)
+    if flipped:
         out = out[:, ::-1]
-    return np.ascontiguousarray(out), labels, caption_for(names, bg_name, rng)
+    return np.ascontiguousarray(out), labels, caption_for(names, bg_name, rng), (y0, x0, y1, x1, flipped)
+
+
+def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator, n: int):
+    """``n`` random boxes on a view's patch grid, with the labels of what is visible in each.
+
+    The boxes are crops judged by the same rule as :func:`sample_view`'s, but their
+    features are pooled from the whole view's forward pass, so tokens inside a box are
+    asked not to carry classes that are only outside it. Returns ``(weights (n, gh*gw),
+    labels (n, len(WORDS)))``; a box's weights average its patches.
+    """
+    y0, x0, y1, x1, flipped = geom
+    gh, gw = grid
+    sy, sx = (y1 - y0) / gh, (x1 - x0) / gw
+    weights = np.zeros((n, gh * gw), np.float32)
+    labels = np.zeros((n, len(WORDS)), np.float32)
+    for r in range(n):
+        bh = int(rng.integers(max(1, gh // 4), gh + 1))
+        bw = int(rng.integers(max(1, gw // 4), gw + 1))
+        py = int(rng.integers(0, gh - bh + 1))
+        px = int(rng.integers(0, gw - bw + 1))
+        cell = np.zeros((gh, gw), np.float32)
+        cell[py:py + bh, px:px + bw] = 1.0 / (bh * bw)
+        weights[r] = cell.ravel()
+        if flipped:  # view column px is scene column x1 - px * sx
+            ax0, ax1 = x1 - (px + bw) * sx, x1 - px * sx
+        else:
+            ax0, ax1 = x0 + px * sx, x0 + (px + bw) * sx
+        box = (int(round(y0 + py * sy)), int(round(ax0)), int(round(y0 + (py + bh) * sy)), int(round(ax1)))
+        labels[r] = visible_labels(scene.mask, box, scene.background)[0]
+    return weights, labels
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -193,7 +243,7 @@ def save_openai_fp16(model, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for checkpoints and the log (required to train)")
-    ap.add_argument("--steps", type=int, default=2600, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=2200, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
     ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
@@ -201,6 +251,19 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
     ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
     ap.add_argument("--mil", type=float, default=0.5, help="weight of the multiple-instance patch term (0=off)")
+    ap.add_argument("--region-ml", type=float, default=1.0,
+                    help="weight of the in-context region term: boxes on the patch grid, pooled from the whole "
+                         "view's tokens, scored against what is visible in each box (0=off)")
+    ap.add_argument("--attn-region", type=float, default=4.0,
+                    help="weight of the attention-pooled region term: each box pools the (detached) final patch "
+                         "embeddings through its patches' mean attention rows (self excluded), and must score as "
+                         "what is visible in the box, so attention from a box may not land on objects outside it "
+                         "(0=off; uses the --regions boxes)")
+    ap.add_argument("--attn-avoid", type=float, default=0.0,
+                    help="weight of the attention-avoidance term: the mean attention (self excluded) of a box's "
+                         "patches that lands on patches the model itself scores as a class absent from the box "
+                         "(0=off; uses the --regions boxes)")
+    ap.add_argument("--regions", type=int, default=4, help="boxes per view for --region-ml")
     ap.add_argument("--attn-sharpen", type=float, default=0.0,
                     help="weight of the attention-entropy term (0=off): the normalised entropy of every "
                          "block's head-averaged patch-to-patch attention rows; uses no labels")
@@ -258,7 +321,8 @@ def train(args: argparse.Namespace) -> None:
                 c = blk.attn.embed_dim
                 blk.attn.in_proj_weight[c:2 * c] = blk.attn.in_proj_weight[:c]
     deep_blocks = [int(b) for b in args.deep_mil.split(",") if b.strip()]
-    need_attn = args.attn_sharpen > 0 or args.attn_purity > 0
+    need_attn = args.attn_sharpen > 0 or args.attn_purity > 0 or args.attn_region > 0 or args.attn_avoid > 0
+    use_regions = args.region_ml > 0 or args.attn_region > 0 or args.attn_avoid > 0
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
@@ -283,6 +347,11 @@ def train(args: argparse.Namespace) -> None:
         labels = torch.from_numpy(np.stack([v[1] for v in views])).to(dev)
         captions = [v[2] for v in views]
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
+        if use_regions:
+            grid = (size[0] // 16, size[1] // 16)
+            regions = [sample_regions(scenes[i], v[3], grid, rng, args.regions) for i, v in zip(idx, views)]
+            region_w = torch.from_numpy(np.stack([r[0] for r in regions])).to(dev)  # (B, R, N)
+            region_labels = torch.from_numpy(np.stack([r[1] for r in regions])).to(dev)  # (B, R, W)
 
         tok, _ = dense.embed(model.visual, x)
         attn_maps, hidden = [], {}  # patch-to-patch attention per block (when a term needs it)
@@ -312,6 +381,31 @@ def train(args: argparse.Namespace) -> None:
                 lmil = masked_bce(pooled + ml_bias, labels)
                 loss = loss + args.mil * lmil
                 parts[name] = lmil.item()
+        if args.region_ml > 0:
+            patches = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # (B, N, D), as mean pooling sums
+            reg = F.normalize(region_w @ patches, dim=-1)  # (B, R, D): each box's mean-pooled embedding
+            lreg = masked_bce(ml_scale * reg @ words.t() + ml_bias, region_labels)
+            loss = loss + args.region_ml * lreg
+            parts["region"] = lreg.item()
+        if args.attn_region > 0 or args.attn_avoid > 0:
+            aff = torch.stack(attn_maps).mean(0)  # (B, N, N), the blocks' mean as CAA averages them
+            aff = aff * (1 - torch.eye(aff.shape[-1], device=dev))
+            aff = aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
+        if args.attn_avoid > 0:
+            k = len(TOY_CLASSES)
+            with torch.no_grad():  # the model's own per-patch class belief; a target only
+                belief = torch.sigmoid(ml_scale * project_patches(model.visual, tok) @ words[:k].t() + ml_bias[:k])
+            absent = (region_labels[..., :k] == 0).float()  # (B, R, K)
+            lav = ((region_w @ aff @ belief) * absent).sum(-1).mean()
+            loss = loss + args.attn_avoid * lav
+            parts["attn_avoid"] = lav.item()
+        if args.attn_region > 0:
+            with torch.no_grad():
+                targets = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # what the rows gather; a target only
+            reg = F.normalize(region_w @ aff @ targets, dim=-1)  # (B, R, D)
+            lar = masked_bce(ml_scale.detach() * reg @ words.detach().t() + ml_bias.detach(), region_labels)
+            loss = loss + args.attn_region * lar
+            parts["attn_region"] = lar.item()
         if args.attn_sharpen > 0:
             lent = torch.stack([row_entropy(a) for a in attn_maps]).mean()
             loss = loss + args.attn_sharpen * lent
