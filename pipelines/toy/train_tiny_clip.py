@@ -195,6 +195,13 @@ def project_patches(visual, tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
 
 
+def offdiag_affinity(attn_maps: list[torch.Tensor]) -> torch.Tensor:
+    """The blocks' mean patch-to-patch attention (as CAA averages it), self excluded, rows renormalised."""
+    aff = torch.stack(attn_maps).mean(0)
+    aff = aff * (1 - torch.eye(aff.shape[-1], device=aff.device))
+    return aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the rows of ``(B, N, N)`` attention (renormalised), over ``log N``: 1 = uniform."""
     p = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -263,7 +270,7 @@ def main(argv=None) -> None:
                     help="weight of the attention-avoidance term: the mean attention (self excluded) of a box's "
                          "patches that lands on patches the model itself scores as a class absent from the box "
                          "(0=off; uses the --regions boxes)")
-    ap.add_argument("--regions", type=int, default=4, help="boxes per view for --region-ml")
+    ap.add_argument("--regions", type=int, default=4, help="boxes per view for --region-ml, --attn-region and --attn-avoid")
     ap.add_argument("--attn-sharpen", type=float, default=0.0,
                     help="weight of the attention-entropy term (0=off): the normalised entropy of every "
                          "block's head-averaged patch-to-patch attention rows; uses no labels")
@@ -381,16 +388,15 @@ def train(args: argparse.Namespace) -> None:
                 lmil = masked_bce(pooled + ml_bias, labels)
                 loss = loss + args.mil * lmil
                 parts[name] = lmil.item()
-        if args.region_ml > 0:
+        if args.region_ml > 0 or args.attn_region > 0:
             patches = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # (B, N, D), as mean pooling sums
+        if args.region_ml > 0:
             reg = F.normalize(region_w @ patches, dim=-1)  # (B, R, D): each box's mean-pooled embedding
             lreg = masked_bce(ml_scale * reg @ words.t() + ml_bias, region_labels)
             loss = loss + args.region_ml * lreg
             parts["region"] = lreg.item()
-        if args.attn_region > 0 or args.attn_avoid > 0:
-            aff = torch.stack(attn_maps).mean(0)  # (B, N, N), the blocks' mean as CAA averages them
-            aff = aff * (1 - torch.eye(aff.shape[-1], device=dev))
-            aff = aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
+        if args.attn_region > 0 or args.attn_avoid > 0 or args.attn_purity > 0:
+            aff = offdiag_affinity(attn_maps)  # (B, N, N)
         if args.attn_avoid > 0:
             k = len(TOY_CLASSES)
             with torch.no_grad():  # the model's own per-patch class belief; a target only
@@ -400,9 +406,8 @@ def train(args: argparse.Namespace) -> None:
             loss = loss + args.attn_avoid * lav
             parts["attn_avoid"] = lav.item()
         if args.attn_region > 0:
-            with torch.no_grad():
-                targets = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # what the rows gather; a target only
-            reg = F.normalize(region_w @ aff @ targets, dim=-1)  # (B, R, D)
+            # what the rows gather, detached: a target only, so the gradient reaches the attention alone
+            reg = F.normalize(region_w @ aff @ patches.detach(), dim=-1)  # (B, R, D)
             lar = masked_bce(ml_scale.detach() * reg @ words.detach().t() + ml_bias.detach(), region_labels)
             loss = loss + args.attn_region * lar
             parts["attn_region"] = lar.item()
@@ -413,9 +418,6 @@ def train(args: argparse.Namespace) -> None:
         if args.attn_purity > 0:
             with torch.no_grad():
                 word_p = (ml_scale * project_patches(model.visual, tok) @ words.t()).softmax(-1)  # a target only
-            aff = torch.stack(attn_maps).mean(0)
-            aff = aff * (1 - torch.eye(aff.shape[-1], device=dev))
-            aff = aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
             lpur = row_entropy(aff @ word_p)  # rows already sum to 1
             loss = loss + args.attn_purity * lpur
             parts["purity"] = lpur.item()
