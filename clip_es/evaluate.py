@@ -225,6 +225,7 @@ def score_predictions(preds: StagePredictions, limit: int | None = None, desc: s
         if limit and count >= limit:
             break
     rep = iou_report(conf, names)
+    rep["confusion"] = {"labels": names, "counts": conf.tolist()}  # counts[gt][pred], pixels
     rep["images"] = count
     if predicted_px < valid_px:
         rep["coverage"] = predicted_px / max(valid_px, 1)
@@ -237,7 +238,9 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
     """Evaluate every stage present in ``run``; save ``RUN/eval.json``; return the report.
 
     Returns:
-        ``{stage: {"miou", "per_class", "pixel_acc", "images", [coverage, precision]}}``.
+        ``{stage: {"miou", "per_class", "pixel_acc", "confusion", "images", [coverage, precision]}}``;
+        ``confusion`` is ``{"labels": [...], "counts": [[...]]}``: ``counts[g][p]`` pixels of
+        ground-truth label ``labels[g]`` predicted as ``labels[p]``.
     """
     rd = RunDir(run)
     if not rd.manifest_path.is_file():

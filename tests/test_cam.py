@@ -94,6 +94,17 @@ def test_affinity_balancing_is_symmetric_and_caa_respects_boxes():
     assert float(out[0].max()) == pytest.approx(1.0)
 
 
+
+def test_affinity_balancing_batches_matrix_by_matrix_and_passes_gradients():
+    g = torch.Generator().manual_seed(1)
+    attn = torch.rand(3, 10, 10, generator=g).softmax(-1).requires_grad_()
+    batched = balance_affinity(attn, 3)
+    for i in range(3):
+        assert torch.allclose(batched[i], balance_affinity(attn[i].detach(), 3), atol=1e-6)
+    assert torch.allclose(batched.sum(-1), torch.ones(3, 10), atol=1e-3)  # still a transition
+    batched[0, 0, 1].backward()
+    assert attn.grad[0].abs().sum() > 0 and attn.grad[1:].abs().sum() == 0
+
 def test_scores_to_labels_and_metrics():
     maps = np.zeros((2, 2, 3), np.float32)
     maps[0, 0, 0] = 0.9
@@ -172,6 +183,11 @@ def test_eval_reports_cam_and_caa(toy_root, tiny_clip_path, tmp_path):
         r = rep["stages"][stage]
         assert 0 <= r["miou"] <= 1 and r["images"] == 9
         assert set(r["per_class"]) >= {"background", "ball"}
+        conf = np.array(r["confusion"]["counts"])  # the IoUs are read off the same matrix
+        assert r["confusion"]["labels"][:2] == ["background", "ball"] and set(r["confusion"]["labels"]) == set(r["per_class"])
+        for i, name in enumerate(r["confusion"]["labels"]):
+            denom = conf[i].sum() + conf[:, i].sum() - conf[i, i]
+            assert r["per_class"][name] == (pytest.approx(conf[i, i] / denom) if denom else None), name
     assert (tmp_path / "run" / "eval.json").is_file()
 
 

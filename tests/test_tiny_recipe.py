@@ -38,12 +38,27 @@ def test_recipe_is_deterministic_for_a_seed(tmp_path):
 def test_experimental_attention_terms_enter_the_loss(tmp_path):
     train = _script("train_tiny_clip")
     train.main(["--out", str(tmp_path), "--attn-sharpen", "0.5", "--attn-purity", "0.5", "--qk-tied-init",
-                "--deep-mil", "1", "--region-ml", "1", "--attn-region", "1", "--attn-avoid", "1"] + SMALL)
+                "--deep-mil", "1", "--region-ml", "1", "--attn-region", "1", "--attn-avoid", "1",
+                "--attn-consistency", "1"] + SMALL)
     rec = json.loads((tmp_path / "log.json").read_text())["evals"][-1]
-    for key in ("attn_ent", "purity", "mil", "mil1", "region", "attn_region", "attn_avoid"):
+    for key in ("attn_ent", "purity", "mil", "mil1", "region", "attn_region", "attn_avoid", "attn_consistency"):
         assert 0 <= rec[key] < 10, key
     assert 0 <= rec["map_mean"] <= 1 and 0 <= rec["map_cls"] <= 1
 
+
+
+def test_attention_region_term_can_read_the_caa_transition(tmp_path):
+    train = _script("train_tiny_clip")
+    logs = {}
+    for via in ("rows", "caa"):
+        train.main(["--out", str(tmp_path / via), "--attn-region", "2", "--attn-region-via", via] + SMALL)
+        logs[via] = json.loads((tmp_path / via / "log.json").read_text())["evals"][-1]
+        assert 0 <= logs[via]["attn_region"] < 10
+    assert logs["rows"]["attn_region"] != logs["caa"]["attn_region"]  # a different matrix pools the boxes
+    a = torch.load(tmp_path / "rows" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "caa" / "last.pt", weights_only=True)
+    assert not torch.equal(a["visual.transformer.resblocks.0.attn.in_proj_weight"],
+                           b["visual.transformer.resblocks.0.attn.in_proj_weight"])
 
 def test_box_labels_name_what_the_view_shows_there():
     import cv2
@@ -98,3 +113,14 @@ def test_attention_stats_are_shares(toy_root, tiny_clip_path):
     for key in ("area", "block1", "mean", "T", "from_background"):
         assert 0 <= stats[key] <= 1, key
     assert 0 < stats["perplexity/N"] <= 1
+
+
+def test_leak_table_splits_false_positives_by_source():
+    leaks = _script("leaks")
+    # labels: background, ball, star; rows = ground truth, columns = prediction
+    stage = {"per_class": {"star": 0.1, "background": 0.5, "ball": 0.2},  # stored sorted: order comes from labels
+             "confusion": {"labels": ["background", "ball", "star"],
+                           "counts": [[90, 6, 0], [0, 2, 0], [0, 2, 0]]}}
+    rows = {r[0]: r[1:] for r in leaks.leak_table(stage)}
+    assert rows["ball"] == (0.2, 0.6, 0.2, 1.0)  # own 2/10, background 6/10, star 2/10; recall 2/2
+    assert rows["star"] == (0.0, 0.0, 0.0, 0.0)  # never predicted; recall 0/2

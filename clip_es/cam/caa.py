@@ -13,17 +13,18 @@ def balance_affinity(attn: torch.Tensor, iters: int = 3) -> torch.Tensor:
     """Sinkhorn-style balancing, symmetrise, square.
 
     Args:
-        attn: ``(N, N)`` non-negative mean attention.
+        attn: ``(..., N, N)`` non-negative mean attention (a batch of them is balanced
+            matrix by matrix; autograd flows through, so a training loss can read it).
         iters: rounds of (divide by column sums, then by row sums).
 
     Returns:
-        ``(N, N)`` transition matrix ``T @ T`` of the symmetrised balanced affinity.
+        ``(..., N, N)`` transition matrix ``T @ T`` of the symmetrised balanced affinity.
     """
     t = attn.double()
     for _ in range(iters):
-        t = t / t.sum(0, keepdim=True).clamp(min=1e-12)
-        t = t / t.sum(1, keepdim=True).clamp(min=1e-12)
-    t = (t + t.t()) / 2
+        t = t / t.sum(-2, keepdim=True).clamp(min=1e-12)
+        t = t / t.sum(-1, keepdim=True).clamp(min=1e-12)
+    t = (t + t.transpose(-1, -2)) / 2
     return (t @ t).to(attn.dtype)
 
 

@@ -26,8 +26,10 @@ open_clip pools):
 
 Experimental terms, off by default and not part of the shipped recipe (what each did is in
 pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
-``--deep-mil``, ``--attn-avoid``, and the world-change probe ``--shared-colours``. None
-uses labels beyond the image-level ones above: a box's labels are a crop's labels.
+``--deep-mil``, ``--attn-avoid``, ``--attn-region-via caa``, ``--attn-consistency``, and the
+world-change probe ``--shared-colours``. None uses labels beyond the image-level ones
+above: a box's labels are a crop's labels, and the consistency term's targets are the
+model's own patch beliefs restricted to the words a view's labels name.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from clip_es.cam.caa import balance_affinity  # noqa: E402
 from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES, caption_for, scene_for  # noqa: E402
 from clip_es.model import dense  # noqa: E402
 from clip_es.model.tiny import TinyClipConfig, build_tiny_clip  # noqa: E402
@@ -91,17 +94,21 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def visible_labels(mask: np.ndarray, box: tuple[int, int, int, int], background: int):
+def visible_labels(mask: np.ndarray, box: tuple[int, int, int, int], background: int,
+                   totals: np.ndarray | None = None):
     """Labels of the objects clearly visible in ``mask[y0:y1, x0:x1]`` (the caption writer's rule).
 
     An object counts as present when at least 40% of it, or 15% of the box, is inside;
     a sliver (over 5% of it or 2% of the box) is ignored (-1); else absent. Background
-    likewise by its share of the box. Returns ``(labels (len(WORDS),), names, bg_name)``.
+    likewise by its share of the box. ``totals`` (per-class pixel counts of the whole mask)
+    may be passed when one mask is judged for many boxes. Returns
+    ``(labels (len(WORDS),), names, bg_name)``.
     """
     y0, x0, y1, x1 = box
     cm = mask[y0:y1, x0:x1]
     area = max(1, cm.size)
-    totals = np.bincount(mask.ravel(), minlength=len(TOY_CLASSES) + 1)
+    if totals is None:
+        totals = np.bincount(mask.ravel(), minlength=len(TOY_CLASSES) + 1)
     inside_all = np.bincount(cm.ravel(), minlength=len(TOY_CLASSES) + 1)
     labels = np.zeros(len(WORDS), np.float32)
     names = []
@@ -167,6 +174,7 @@ def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator,
     sy, sx = (y1 - y0) / gh, (x1 - x0) / gw
     weights = np.zeros((n, gh * gw), np.float32)
     labels = np.zeros((n, len(WORDS)), np.float32)
+    totals = np.bincount(scene.mask.ravel(), minlength=len(TOY_CLASSES) + 1)
     for r in range(n):
         bh = int(rng.integers(max(1, gh // 4), gh + 1))
         bw = int(rng.integers(max(1, gw // 4), gw + 1))
@@ -180,7 +188,7 @@ def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator,
         else:
             ax0, ax1 = x0 + px * sx, x0 + (px + bw) * sx
         box = (int(round(y0 + py * sy)), int(round(ax0)), int(round(y0 + (py + bh) * sy)), int(round(ax1)))
-        labels[r] = visible_labels(scene.mask, box, scene.background)[0]
+        labels[r] = visible_labels(scene.mask, box, scene.background, totals)[0]
     return weights, labels
 
 
@@ -266,10 +274,21 @@ def main(argv=None) -> None:
                          "embeddings through its patches' mean attention rows (self excluded), and must score as "
                          "what is visible in the box, so attention from a box may not land on objects outside it "
                          "(0=off; uses the --regions boxes)")
+    ap.add_argument("--attn-region-via", choices=("rows", "caa"), default="rows",
+                    help="what --attn-region pools through: 'rows' = the mean attention rows themselves; 'caa' = "
+                         "the transition CAA builds from them (Sinkhorn-balanced, symmetrised, squared), so "
+                         "attention that every patch sends to the same salient patches is balanced away before "
+                         "the box is scored, as CAA balances it away at inference")
     ap.add_argument("--attn-avoid", type=float, default=0.0,
                     help="weight of the attention-avoidance term: the mean attention (self excluded) of a box's "
                          "patches that lands on patches the model itself scores as a class absent from the box "
                          "(0=off; uses the --regions boxes)")
+    ap.add_argument("--attn-consistency", type=float, default=0.0,
+                    help="weight of the belief-consistency term (0=off): each patch's attention row (mean over "
+                         "blocks, self excluded) pools the other patches' class beliefs (the model's own, "
+                         "detached, softmax over the words the view's image-level labels name); the loss is the "
+                         "cross-entropy of the pooled beliefs against the patch's own, so a patch should attend "
+                         "to patches that look like the same class")
     ap.add_argument("--regions", type=int, default=4, help="boxes per view for --region-ml, --attn-region and --attn-avoid")
     ap.add_argument("--attn-sharpen", type=float, default=0.0,
                     help="weight of the attention-entropy term (0=off): the normalised entropy of every "
@@ -328,7 +347,8 @@ def train(args: argparse.Namespace) -> None:
                 c = blk.attn.embed_dim
                 blk.attn.in_proj_weight[c:2 * c] = blk.attn.in_proj_weight[:c]
     deep_blocks = [int(b) for b in args.deep_mil.split(",") if b.strip()]
-    need_attn = args.attn_sharpen > 0 or args.attn_purity > 0 or args.attn_region > 0 or args.attn_avoid > 0
+    need_attn = (args.attn_sharpen > 0 or args.attn_purity > 0 or args.attn_region > 0 or args.attn_avoid > 0
+                 or args.attn_consistency > 0)
     use_regions = args.region_ml > 0 or args.attn_region > 0 or args.attn_avoid > 0
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
@@ -395,7 +415,7 @@ def train(args: argparse.Namespace) -> None:
             lreg = masked_bce(ml_scale * reg @ words.t() + ml_bias, region_labels)
             loss = loss + args.region_ml * lreg
             parts["region"] = lreg.item()
-        if args.attn_region > 0 or args.attn_avoid > 0 or args.attn_purity > 0:
+        if args.attn_region > 0 or args.attn_avoid > 0 or args.attn_purity > 0 or args.attn_consistency > 0:
             aff = offdiag_affinity(attn_maps)  # (B, N, N)
         if args.attn_avoid > 0:
             k = len(TOY_CLASSES)
@@ -407,10 +427,19 @@ def train(args: argparse.Namespace) -> None:
             parts["attn_avoid"] = lav.item()
         if args.attn_region > 0:
             # what the rows gather, detached: a target only, so the gradient reaches the attention alone
-            reg = F.normalize(region_w @ aff @ patches.detach(), dim=-1)  # (B, R, D)
+            trans = aff if args.attn_region_via == "rows" else balance_affinity(aff)
+            reg = F.normalize(region_w @ trans @ patches.detach(), dim=-1)  # (B, R, D)
             lar = masked_bce(ml_scale.detach() * reg @ words.detach().t() + ml_bias.detach(), region_labels)
             loss = loss + args.attn_region * lar
             parts["attn_region"] = lar.item()
+        if args.attn_consistency > 0:
+            with torch.no_grad():  # the model's own per-patch belief among the view's labelled words; a target only
+                logits = ml_scale * project_patches(model.visual, tok) @ words.t() + ml_bias  # (B, N, W)
+                belief = logits.masked_fill(labels[:, None, :] <= 0, float("-inf")).softmax(-1)
+                belief = torch.nan_to_num(belief)  # a view with no labelled word: no target
+            lcon = -(belief * (aff @ belief).clamp(min=1e-6).log()).sum(-1).mean()
+            loss = loss + args.attn_consistency * lcon
+            parts["attn_consistency"] = lcon.item()
         if args.attn_sharpen > 0:
             lent = torch.stack([row_entropy(a) for a in attn_maps]).mean()
             loss = loss + args.attn_sharpen * lent
