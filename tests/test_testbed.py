@@ -21,11 +21,14 @@ from clip_es.model.zeroshot import zero_shot_map
 
 pytestmark = pytest.mark.skipif(not TINY_CHECKPOINT.is_file(), reason="bundled weights not built")
 
-# The shipped checkpoint measures mAP 0.992 / 0.992, CAM mIoU 0.579 and worst class 0.258 here;
-# the salient-object failure the floors guard against scored 0.20-0.30 CAM mIoU.
+# The shipped checkpoint (run 9) measures mAP 0.994 / 1.000, CAM mIoU 0.590 (worst class 0.389)
+# and CAA mIoU 0.590 (worst class 0.329) here; the salient-object failure the floors guard
+# against scored 0.20-0.30 CAM mIoU, and attention that does not group objects puts CAA
+# 10-16 points under CAM (runs 2-7).
 MAP_FLOOR = 0.95
-CAM_FLOOR = 0.50
-CLASS_FLOOR = 0.15
+CAM_FLOOR = 0.55
+CAA_FLOOR = 0.52
+CLASS_FLOOR = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,11 @@ def test_bundled_clip_names_the_classes_under_both_poolings(held_out, tiny):
 def test_bundled_clip_cams_localize_the_named_class(held_out, tiny, tmp_path):
     generate_cams(CamConfig(dataset="toy", root=str(held_out), split="val", out=str(tmp_path / "run")),
                   clip=tiny, progress=False)
-    rep = evaluate_run(tmp_path / "run", EvalOptions(stages=("cam",)), progress=False)["stages"]["cam"]
-    assert rep["images"] == 40
-    assert rep["miou"] >= CAM_FLOOR, rep["per_class"]
-    # every class is found somewhere: no foreground class collapses to the salient-object failure
-    fg = {k: v for k, v in rep["per_class"].items() if k != "background" and v is not None}
-    assert len(fg) == 8 and min(fg.values()) >= CLASS_FLOOR, fg
+    stages = evaluate_run(tmp_path / "run", EvalOptions(stages=("cam", "caa")), progress=False)["stages"]
+    for name, floor in (("cam", CAM_FLOOR), ("caa", CAA_FLOOR)):
+        rep = stages[name]
+        assert rep["images"] == 40
+        assert rep["miou"] >= floor, (name, rep["per_class"])
+        # every class is found: no foreground class collapses to the salient-object failure
+        fg = {k: v for k, v in rep["per_class"].items() if k != "background" and v is not None}
+        assert len(fg) == 8 and min(fg.values()) >= CLASS_FLOOR, (name, fg)

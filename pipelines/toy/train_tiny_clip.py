@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 34-46 min on 2 cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~48 min on 2 shared cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
@@ -22,13 +22,17 @@ open_clip pools):
     forward pass, so nothing outside a box may leak into it. ``--region-ml`` scores the
     box's mean-pooled patch embedding; ``--attn-region`` pools the detached final patch
     embeddings through the box's mean attention rows (self excluded), so its gradient
-    reaches only the attention CAA later reads.
+    reaches only the attention CAA later reads;
+  * attention consistency (``--attn-consistency``): the same attention rows pool the other
+    patches' class beliefs (the model's own, detached, softmax over the words the view's
+    labels name), and the pooled belief must match the patch's own, so a patch attends to
+    patches of its own class rather than merely to its neighbours (what CAA needs).
 
 Experimental terms, off by default and not part of the shipped recipe (what each did is in
 pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
-``--deep-mil``, ``--attn-avoid``, ``--attn-region-via caa``, ``--attn-consistency``, and the
-world-change probe ``--shared-colours``. None uses labels beyond the image-level ones
-above: a box's labels are a crop's labels, and the consistency term's targets are the
+``--deep-mil``, ``--attn-avoid``, ``--attn-region-via caa``, and the world-change probe
+``--shared-colours``. No term, shipped or experimental, uses labels beyond the image-level
+ones above: a box's labels are a crop's labels, and the consistency term's targets are the
 model's own patch beliefs restricted to the words a view's labels name.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
@@ -258,7 +262,7 @@ def save_openai_fp16(model, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for checkpoints and the log (required to train)")
-    ap.add_argument("--steps", type=int, default=2200, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=2400, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
     ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
@@ -269,7 +273,7 @@ def main(argv=None) -> None:
     ap.add_argument("--region-ml", type=float, default=1.0,
                     help="weight of the in-context region term: boxes on the patch grid, pooled from the whole "
                          "view's tokens, scored against what is visible in each box (0=off)")
-    ap.add_argument("--attn-region", type=float, default=4.0,
+    ap.add_argument("--attn-region", type=float, default=10.0,
                     help="weight of the attention-pooled region term: each box pools the (detached) final patch "
                          "embeddings through its patches' mean attention rows (self excluded), and must score as "
                          "what is visible in the box, so attention from a box may not land on objects outside it "
@@ -283,13 +287,13 @@ def main(argv=None) -> None:
                     help="weight of the attention-avoidance term: the mean attention (self excluded) of a box's "
                          "patches that lands on patches the model itself scores as a class absent from the box "
                          "(0=off; uses the --regions boxes)")
-    ap.add_argument("--attn-consistency", type=float, default=0.0,
+    ap.add_argument("--attn-consistency", type=float, default=2.0,
                     help="weight of the belief-consistency term (0=off): each patch's attention row (mean over "
                          "blocks, self excluded) pools the other patches' class beliefs (the model's own, "
                          "detached, softmax over the words the view's image-level labels name); the loss is the "
                          "cross-entropy of the pooled beliefs against the patch's own, so a patch should attend "
                          "to patches that look like the same class")
-    ap.add_argument("--regions", type=int, default=4, help="boxes per view for --region-ml, --attn-region and --attn-avoid")
+    ap.add_argument("--regions", type=int, default=6, help="boxes per view for --region-ml, --attn-region and --attn-avoid")
     ap.add_argument("--attn-sharpen", type=float, default=0.0,
                     help="weight of the attention-entropy term (0=off): the normalised entropy of every "
                          "block's head-averaged patch-to-patch attention rows; uses no labels")
