@@ -94,7 +94,6 @@ def test_affinity_balancing_is_symmetric_and_caa_respects_boxes():
     assert float(out[0].max()) == pytest.approx(1.0)
 
 
-
 def test_affinity_balancing_batches_matrix_by_matrix_and_passes_gradients():
     g = torch.Generator().manual_seed(1)
     attn = torch.rand(3, 10, 10, generator=g).softmax(-1).requires_grad_()
@@ -104,6 +103,7 @@ def test_affinity_balancing_batches_matrix_by_matrix_and_passes_gradients():
     assert torch.allclose(batched.sum(-1), torch.ones(3, 10), atol=1e-3)  # still a transition
     batched[0, 0, 1].backward()
     assert attn.grad[0].abs().sum() > 0 and attn.grad[1:].abs().sum() == 0
+
 
 def test_scores_to_labels_and_metrics():
     maps = np.zeros((2, 2, 3), np.float32)

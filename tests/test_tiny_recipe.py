@@ -46,7 +46,6 @@ def test_experimental_attention_terms_enter_the_loss(tmp_path):
     assert 0 <= rec["map_mean"] <= 1 and 0 <= rec["map_cls"] <= 1
 
 
-
 def test_attention_region_term_can_read_the_caa_transition(tmp_path):
     train = _script("train_tiny_clip")
     logs = {}
@@ -59,6 +58,7 @@ def test_attention_region_term_can_read_the_caa_transition(tmp_path):
     b = torch.load(tmp_path / "caa" / "last.pt", weights_only=True)
     assert not torch.equal(a["visual.transformer.resblocks.0.attn.in_proj_weight"],
                            b["visual.transformer.resblocks.0.attn.in_proj_weight"])
+
 
 def test_box_labels_name_what_the_view_shows_there():
     import cv2

@@ -354,6 +354,7 @@ def train(args: argparse.Namespace) -> None:
     need_attn = (args.attn_sharpen > 0 or args.attn_purity > 0 or args.attn_region > 0 or args.attn_avoid > 0
                  or args.attn_consistency > 0)
     use_regions = args.region_ml > 0 or args.attn_region > 0 or args.attn_avoid > 0
+    use_beliefs = args.attn_avoid > 0 or args.attn_purity > 0 or args.attn_consistency > 0
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
@@ -412,19 +413,22 @@ def train(args: argparse.Namespace) -> None:
                 lmil = masked_bce(pooled + ml_bias, labels)
                 loss = loss + args.mil * lmil
                 parts[name] = lmil.item()
-        if args.region_ml > 0 or args.attn_region > 0:
+        if args.region_ml > 0 or args.attn_region > 0 or use_beliefs:
             patches = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # (B, N, D), as mean pooling sums
+        if use_beliefs:  # unit patch embeddings for the belief terms' targets (no gradient)
+            with torch.no_grad():
+                unit = F.normalize(patches, dim=-1)
         if args.region_ml > 0:
             reg = F.normalize(region_w @ patches, dim=-1)  # (B, R, D): each box's mean-pooled embedding
             lreg = masked_bce(ml_scale * reg @ words.t() + ml_bias, region_labels)
             loss = loss + args.region_ml * lreg
             parts["region"] = lreg.item()
-        if args.attn_region > 0 or args.attn_avoid > 0 or args.attn_purity > 0 or args.attn_consistency > 0:
+        if args.attn_region > 0 or use_beliefs:  # every term that reads where the patches look
             aff = offdiag_affinity(attn_maps)  # (B, N, N)
         if args.attn_avoid > 0:
             k = len(TOY_CLASSES)
             with torch.no_grad():  # the model's own per-patch class belief; a target only
-                belief = torch.sigmoid(ml_scale * project_patches(model.visual, tok) @ words[:k].t() + ml_bias[:k])
+                belief = torch.sigmoid(ml_scale * unit @ words[:k].t() + ml_bias[:k])
             absent = (region_labels[..., :k] == 0).float()  # (B, R, K)
             lav = ((region_w @ aff @ belief) * absent).sum(-1).mean()
             loss = loss + args.attn_avoid * lav
@@ -438,7 +442,7 @@ def train(args: argparse.Namespace) -> None:
             parts["attn_region"] = lar.item()
         if args.attn_consistency > 0:
             with torch.no_grad():  # the model's own per-patch belief among the view's labelled words; a target only
-                logits = ml_scale * project_patches(model.visual, tok) @ words.t() + ml_bias  # (B, N, W)
+                logits = ml_scale * unit @ words.t() + ml_bias  # (B, N, W)
                 belief = logits.masked_fill(labels[:, None, :] <= 0, float("-inf")).softmax(-1)
                 belief = torch.nan_to_num(belief)  # a view with no labelled word: no target
             lcon = -(belief * (aff @ belief).clamp(min=1e-6).log()).sum(-1).mean()
@@ -450,7 +454,7 @@ def train(args: argparse.Namespace) -> None:
             parts["attn_ent"] = lent.item()
         if args.attn_purity > 0:
             with torch.no_grad():
-                word_p = (ml_scale * project_patches(model.visual, tok) @ words.t()).softmax(-1)  # a target only
+                word_p = (ml_scale * unit @ words.t()).softmax(-1)  # a target only
             lpur = row_entropy(aff @ word_p)  # rows already sum to 1
             loss = loss + args.attn_purity * lpur
             parts["purity"] = lpur.item()
