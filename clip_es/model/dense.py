@@ -180,12 +180,17 @@ def pool_tokens(visual: nn.Module, tokens: torch.Tensor, pooling: Pooling = "mea
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def encode_image(visual: nn.Module, images: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
-    """Full dense forward at any patch-multiple size; ``(B, D)`` unnormalised embedding."""
+def final_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """All blocks at any patch-multiple size; the last block's tokens ``(B, 1 + N, C)``."""
     x, _ = embed(visual, images)
     for blk in visual.transformer.resblocks:
         x, _, _ = block_forward(blk, x)
-    return pool_tokens(visual, x, pooling)
+    return x
+
+
+def encode_image(visual: nn.Module, images: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
+    """Full dense forward at any patch-multiple size; ``(B, D)`` unnormalised embedding."""
+    return pool_tokens(visual, final_tokens(visual, images), pooling)
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Time per step of the clipes-tiny recipe against a baseline recipe, measured in one run.
 
-    python pipelines/toy/bench_recipe_step.py [--steps 40] [--rounds 2]
+    python pipelines/toy/bench_recipe_step.py [--steps 40] [--rounds 2] [--against REV]
 
 The shared 2-core machine is noisy, so absolute minutes from one full run are not
 comparable across days. This runs short trainings of both recipes, alternating
@@ -9,12 +9,15 @@ comparable across days. This runs short trainings of both recipes, alternating
 
 Default comparison: the shipped recipe (its attention terms need the explicit attention
 softmax in every block) against run 4's (``--region-ml 0 --attn-region 0 --attn-consistency 0``).
+With ``--against REV`` the baseline is instead the recipe script as committed at git revision
+REV, run with its own defaults: the same recipe before and after an implementation change.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +26,24 @@ HERE = Path(__file__).resolve().parent
 BASELINE = ["--region-ml", "0", "--attn-region", "0", "--attn-consistency", "0"]
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("train_tiny_clip", HERE / "train_tiny_clip.py")
+def _recipe(path: Path = HERE / "train_tiny_clip.py", name: str = "train_tiny_clip"):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _recipe_at(rev: str, folder: Path):
+    """The recipe script as committed at git revision ``rev``, loaded from a copy in ``folder``."""
+    rel = (HERE / "train_tiny_clip.py").relative_to(HERE.parents[1]).as_posix()
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=HERE, check=True, capture_output=True,
+                              text=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"--against {rev}: git cannot show {rel} there ({e.stderr.strip()})") from None
+    path = folder / "train_tiny_clip_baseline.py"
+    path.write_text(text)
+    return _recipe(path, "train_tiny_clip_baseline")
 
 
 def time_steps(recipe, extra: list[str], steps: int, skip: int, threads: int) -> float:
@@ -56,18 +72,27 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of each timing")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both recipes")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--against", metavar="REV", default=None,
+                    help="baseline = the recipe script at this git revision with its defaults (e.g. HEAD~1), "
+                         "instead of run 4's flags on the current script")
     args = ap.parse_args()
     if args.steps <= args.skip:
         ap.error("--steps must exceed --skip")
     recipe = _recipe()
-    shipped, base = [], []
-    for _ in range(args.rounds):
-        base.append(time_steps(recipe, BASELINE, args.steps, args.skip, args.threads))
-        shipped.append(time_steps(recipe, [], args.steps, args.skip, args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            baseline, base_flags, base_name = _recipe_at(args.against, Path(tmp)), [], f"recipe at {args.against}"
+        else:
+            baseline, base_flags, base_name = recipe, BASELINE, "run-4 recipe (no box terms)"
+        shipped, base = [], []
+        for _ in range(args.rounds):
+            base.append(time_steps(baseline, base_flags, args.steps, args.skip, args.threads))
+            shipped.append(time_steps(recipe, [], args.steps, args.skip, args.threads))
     b, s = sum(base) / len(base), sum(shipped) / len(shipped)
-    print(f"run-4 recipe (no box terms): {b:.3f} s/step  {[round(x, 3) for x in base]}")
-    print(f"shipped recipe (defaults):   {s:.3f} s/step  {[round(x, 3) for x in shipped]}")
-    print(f"ratio shipped / run-4: {s / b:.2f}x per step")
+    width = max(len(base_name), len("shipped recipe (defaults)")) + 1
+    print(f"{base_name + ':':<{width}} {b:.3f} s/step  {[round(x, 3) for x in base]}")
+    print(f"{'shipped recipe (defaults):':<{width}} {s:.3f} s/step  {[round(x, 3) for x in shipped]}")
+    print(f"ratio shipped / baseline: {s / b:.2f}x per step")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ model's own patch beliefs restricted to the words a view's labels name.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
-step count; single-threaded data generation).
+step count; one background thread draws every batch, in step order).
 """
 
 from __future__ import annotations
@@ -196,6 +196,48 @@ def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator,
     return weights, labels
 
 
+def prefetched(make, n: int, depth: int = 2):
+    """Yield ``make(0), make(1), ..., make(n - 1)``, built ``depth`` ahead in a background thread.
+
+    The calls run one after another in a single thread, in order, so whatever random
+    stream ``make`` draws from is consumed exactly as a plain loop would consume it; the
+    numpy/OpenCV work of the next batches overlaps the training step (torch releases the
+    GIL inside its kernels and the backward pass). An error in ``make`` is re-raised here.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for i in range(n):
+                item = (True, make(i))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put((False, e))
+
+    t = threading.Thread(target=work, name="batches", daemon=True)
+    t.start()
+    try:
+        for _ in range(n):
+            ok, item = q.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     valid = labels >= 0
     loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
@@ -232,23 +274,26 @@ def evaluate_map(model, tokenizer, scenes, template: str = "a clean origami {}."
     import cv2
 
     model.eval()
-    prompts = tokenizer([template.format(c) for c in TOY_CLASSES])
-    t = F.normalize(dense.encode_text(model, prompts), dim=-1)
-    res = {}
-    for pooling in ("mean", "cls"):
-        scores, gts = [], []
+    dev = next(model.parameters()).device
+    poolings = ("mean", "cls")
+    scores: dict[str, list] = {p: [] for p in poolings}
+    gts = []
+    with torch.no_grad():
+        t = F.normalize(dense.encode_text(model, tokenizer([template.format(c) for c in TOY_CLASSES]).to(dev)),
+                        dim=-1)
         for s in scenes:
             H, W = s.mask.shape
             h, w = math.ceil(H / 16) * 16, math.ceil(W / 16) * 16
-            x = to_tensor([cv2.resize(s.image, (w, h), interpolation=cv2.INTER_CUBIC)])
-            e = F.normalize(dense.encode_image(model.visual, x, pooling), dim=-1)
-            scores.append((model.logit_scale.exp() * e @ t.t()).softmax(-1)[0].numpy())
+            x = to_tensor([cv2.resize(s.image, (w, h), interpolation=cv2.INTER_CUBIC)]).to(dev)
+            tokens = dense.final_tokens(model.visual, x)  # one forward serves both poolings
+            for pooling in poolings:
+                e = F.normalize(dense.pool_tokens(model.visual, tokens, pooling), dim=-1)
+                scores[pooling].append((model.logit_scale.exp() * e @ t.t()).softmax(-1)[0].cpu().numpy())
             g = np.zeros(len(TOY_CLASSES))
             g[[c - 1 for c in s.labels]] = 1
             gts.append(g)
-        res[pooling] = mean_average_precision(np.stack(scores), np.stack(gts))[0]
     model.train()
-    return res
+    return {p: mean_average_precision(np.stack(scores[p]), np.stack(gts))[0] for p in poolings}
 
 
 def save_openai_fp16(model, path: Path) -> None:
@@ -265,7 +310,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2400, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
-    ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
+    ap.add_argument("--scenes", type=int, default=6000, help="size of the training scene pool (each scene rendered when first drawn)")
     ap.add_argument("--held", type=int, default=200, help="monitor scenes (world seed + 1) for the mAP log")
     ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
     ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
@@ -338,9 +383,15 @@ def train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    scenes = [scene_for(args.seed, i) for i in range(args.scenes)]
     held = [scene_for(args.seed + 1, i) for i in range(args.held)]
-    print(f"rendered {len(scenes)} scenes in {time.time() - t0:.0f}s", flush=True)
+    print(f"rendered {len(held)} monitor scenes in {time.time() - t0:.0f}s; the {args.scenes} training scenes "
+          "are rendered as they are first drawn", flush=True)
+    pool: list = [None] * args.scenes  # scene_for is a pure function of (seed, index): order does not matter
+
+    def scene(i: int):
+        if pool[i] is None:
+            pool[i] = scene_for(args.seed, int(i))
+        return pool[i]
 
     dev = torch.device(args.device)
     model = build_tiny_clip(TinyClipConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
@@ -365,25 +416,33 @@ def train(args: argparse.Namespace) -> None:
         (no_decay if p.ndim < 2 or "embedding" in n or "ln" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay + [ml_scale, ml_bias], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     log = []
     t_train = time.time()
-    for step in range(args.steps):
+
+    def draw(step: int) -> dict:
+        """One step's views (and boxes), as CPU tensors; the only consumer of ``rng``."""
         size = SIZES[step % len(SIZES)]
-        idx = rng.integers(0, len(scenes), size=args.batch)
-        views = [sample_view(scenes[i], rng, size, args.full_p) for i in idx]
-        x = to_tensor([v[0] for v in views]).to(dev)
-        labels = torch.from_numpy(np.stack([v[1] for v in views])).to(dev)
+        idx = rng.integers(0, args.scenes, size=args.batch)
+        views = [sample_view(scene(i), rng, size, args.full_p) for i in idx]
         captions = [v[2] for v in views]
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
+        out = {"x": to_tensor([v[0] for v in views]), "labels": torch.from_numpy(np.stack([v[1] for v in views])),
+               "captions": tokenizer(captions),
+               "same": torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)}
         if use_regions:
             grid = (size[0] // 16, size[1] // 16)
-            regions = [sample_regions(scenes[i], v[3], grid, rng, args.regions) for i, v in zip(idx, views)]
-            region_w = torch.from_numpy(np.stack([r[0] for r in regions])).to(dev)  # (B, R, N)
-            region_labels = torch.from_numpy(np.stack([r[1] for r in regions])).to(dev)  # (B, R, W)
+            regions = [sample_regions(scene(i), v[3], grid, rng, args.regions) for i, v in zip(idx, views)]
+            out["region_w"] = torch.from_numpy(np.stack([r[0] for r in regions]))  # (B, R, N)
+            out["region_labels"] = torch.from_numpy(np.stack([r[1] for r in regions]))  # (B, R, W)
+        return out
+
+    for step, batch in enumerate(prefetched(draw, args.steps)):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        x, labels, same = batch["x"], batch["labels"], batch["same"]
+        region_w, region_labels = batch.get("region_w"), batch.get("region_labels")
 
         tok, _ = dense.embed(model.visual, x)
         attn_maps, hidden = [], {}  # patch-to-patch attention per block (when a term needs it)
@@ -393,7 +452,7 @@ def train(args: argparse.Namespace) -> None:
                 attn_maps.append(probs[:, 1:, 1:])
             if bi in deep_blocks:
                 hidden[bi] = tok
-        txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
+        txt = F.normalize(dense.encode_text(model, batch["captions"]), dim=-1)
         words = F.normalize(dense.encode_text(model, word_tokens[step % len(TEMPLATES)]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = torch.zeros((), device=dev)
