@@ -125,37 +125,3 @@ def test_leak_table_splits_false_positives_by_source():
     assert rows["ball"] == (0.2, 0.6, 0.2, 1.0)  # own 2/10, background 6/10, star 2/10; recall 2/2
     assert rows["star"] == (0.0, 0.0, 0.0, 0.0)  # never predicted; recall 0/2
 
-
-def test_prefetched_batches_come_in_order_and_draw_the_same_stream():
-    import numpy as np
-
-    train = _script("train_tiny_clip")
-    plain_rng, bg_rng = np.random.default_rng(7), np.random.default_rng(7)
-    plain = [plain_rng.integers(0, 1000, size=5) for _ in range(30)]
-    fetched = list(train.prefetched(lambda i: (i, bg_rng.integers(0, 1000, size=5)), 30))
-    assert [i for i, _ in fetched] == list(range(30))
-    assert all((a == b).all() for a, (_, b) in zip(plain, fetched))
-
-
-def test_prefetched_reraises_the_producers_error_and_stops_when_left_early():
-    import threading
-
-    import pytest
-
-    train = _script("train_tiny_clip")
-
-    def make(i):
-        if i == 3:
-            raise ValueError("scene 3 is broken")
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="scene 3"):
-        for item in train.prefetched(make, 10):
-            got.append(item)
-    assert got == [0, 1, 2]
-    before = threading.active_count()
-    gen = train.prefetched(lambda i: i, 1000, depth=2)
-    assert next(gen) == 0
-    gen.close()  # the consumer leaves early: the producer thread must end, not block on a full queue
-    assert threading.active_count() <= before

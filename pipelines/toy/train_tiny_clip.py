@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # ~48 min on 2 shared cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 38-44 min on 2 shared cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
@@ -37,7 +37,7 @@ model's own patch beliefs restricted to the words a view's labels name.
 
 The scenes come from seeds the evaluation splits never use (``--seed`` offsets them),
 so ``clipes toy make --seed 1`` images are held out. Deterministic for a seed (fixed
-step count; one background thread draws every batch, in step order).
+step count; single-threaded data generation).
 """
 
 from __future__ import annotations
@@ -196,48 +196,6 @@ def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator,
     return weights, labels
 
 
-def prefetched(make, n: int, depth: int = 2):
-    """Yield ``make(0), make(1), ..., make(n - 1)``, built ``depth`` ahead in a background thread.
-
-    The calls run one after another in a single thread, in order, so whatever random
-    stream ``make`` draws from is consumed exactly as a plain loop would consume it; the
-    numpy/OpenCV work of the next batches overlaps the training step (torch releases the
-    GIL inside its kernels and the backward pass). An error in ``make`` is re-raised here.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        try:
-            for i in range(n):
-                item = (True, make(i))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            q.put((False, e))
-
-    t = threading.Thread(target=work, name="batches", daemon=True)
-    t.start()
-    try:
-        for _ in range(n):
-            ok, item = q.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join()
-
-
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     valid = labels >= 0
     loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
@@ -310,7 +268,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2400, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine)")
-    ap.add_argument("--scenes", type=int, default=6000, help="size of the training scene pool (each scene rendered when first drawn)")
+    ap.add_argument("--scenes", type=int, default=6000, help="size of the pre-rendered scene pool")
     ap.add_argument("--held", type=int, default=200, help="monitor scenes (world seed + 1) for the mAP log")
     ap.add_argument("--seed", type=int, default=1000, help="world seed of the training scenes (eval uses 1..)")
     ap.add_argument("--full-p", type=float, default=0.4, help="share of views that are whole images")
@@ -383,15 +341,9 @@ def train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
+    scenes = [scene_for(args.seed, i) for i in range(args.scenes)]
     held = [scene_for(args.seed + 1, i) for i in range(args.held)]
-    print(f"rendered {len(held)} monitor scenes in {time.time() - t0:.0f}s; the {args.scenes} training scenes "
-          "are rendered as they are first drawn", flush=True)
-    pool: list = [None] * args.scenes  # scene_for is a pure function of (seed, index): order does not matter
-
-    def scene(i: int):
-        if pool[i] is None:
-            pool[i] = scene_for(args.seed, int(i))
-        return pool[i]
+    print(f"rendered {len(scenes)} scenes in {time.time() - t0:.0f}s", flush=True)
 
     dev = torch.device(args.device)
     model = build_tiny_clip(TinyClipConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
@@ -416,33 +368,25 @@ def train(args: argparse.Namespace) -> None:
         (no_decay if p.ndim < 2 or "embedding" in n or "ln" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay + [ml_scale, ml_bias], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     log = []
     t_train = time.time()
-
-    def draw(step: int) -> dict:
-        """One step's views (and boxes), as CPU tensors; the only consumer of ``rng``."""
+    for step in range(args.steps):
         size = SIZES[step % len(SIZES)]
-        idx = rng.integers(0, args.scenes, size=args.batch)
-        views = [sample_view(scene(i), rng, size, args.full_p) for i in idx]
+        idx = rng.integers(0, len(scenes), size=args.batch)
+        views = [sample_view(scenes[i], rng, size, args.full_p) for i in idx]
+        x = to_tensor([v[0] for v in views]).to(dev)
+        labels = torch.from_numpy(np.stack([v[1] for v in views])).to(dev)
         captions = [v[2] for v in views]
-        out = {"x": to_tensor([v[0] for v in views]), "labels": torch.from_numpy(np.stack([v[1] for v in views])),
-               "captions": tokenizer(captions),
-               "same": torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)}
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=dev)
         if use_regions:
             grid = (size[0] // 16, size[1] // 16)
-            regions = [sample_regions(scene(i), v[3], grid, rng, args.regions) for i, v in zip(idx, views)]
-            out["region_w"] = torch.from_numpy(np.stack([r[0] for r in regions]))  # (B, R, N)
-            out["region_labels"] = torch.from_numpy(np.stack([r[1] for r in regions]))  # (B, R, W)
-        return out
-
-    for step, batch in enumerate(prefetched(draw, args.steps)):
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        x, labels, same = batch["x"], batch["labels"], batch["same"]
-        region_w, region_labels = batch.get("region_w"), batch.get("region_labels")
+            regions = [sample_regions(scenes[i], v[3], grid, rng, args.regions) for i, v in zip(idx, views)]
+            region_w = torch.from_numpy(np.stack([r[0] for r in regions])).to(dev)  # (B, R, N)
+            region_labels = torch.from_numpy(np.stack([r[1] for r in regions])).to(dev)  # (B, R, W)
 
         tok, _ = dense.embed(model.visual, x)
         attn_maps, hidden = [], {}  # patch-to-patch attention per block (when a term needs it)
@@ -452,7 +396,7 @@ def train(args: argparse.Namespace) -> None:
                 attn_maps.append(probs[:, 1:, 1:])
             if bi in deep_blocks:
                 hidden[bi] = tok
-        txt = F.normalize(dense.encode_text(model, batch["captions"]), dim=-1)
+        txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
         words = F.normalize(dense.encode_text(model, word_tokens[step % len(TEMPLATES)]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = torch.zeros((), device=dev)
