@@ -29,6 +29,9 @@ def test_recipe_is_deterministic_for_a_seed(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.dtype == torch.float16 for v in a.values() if v.is_floating_point())  # shipped as fp16
+    platform = json.loads((tmp_path / "a" / "log.json").read_text())["platform"]  # the scope of "same bytes"
+    assert platform["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert platform["torch"] == torch.__version__.split("+")[0]
     c_dir = tmp_path / "c"
     train.main(["--out", str(c_dir), "--seed", "1001"] + SMALL)
     c = torch.load(c_dir / "last.pt", weights_only=True)
@@ -124,4 +127,3 @@ def test_leak_table_splits_false_positives_by_source():
     rows = {r[0]: r[1:] for r in leaks.leak_table(stage)}
     assert rows["ball"] == (0.2, 0.6, 0.2, 1.0)  # own 2/10, background 6/10, star 2/10; recall 2/2
     assert rows["star"] == (0.0, 0.0, 0.0, 0.0)  # never predicted; recall 0/2
-

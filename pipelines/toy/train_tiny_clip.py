@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 38-44 min on 2 shared cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 32-44 min on 2 cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
@@ -62,6 +62,7 @@ from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES, caption_for, scene_fo
 from clip_es.model import dense  # noqa: E402
 from clip_es.model.tiny import TinyClipConfig, build_tiny_clip  # noqa: E402
 from clip_es.model.zeroshot import mean_average_precision  # noqa: E402
+from clip_es.rundir import library_versions  # noqa: E402
 
 WORDS = list(TOY_CLASSES) + list(TOY_BACKGROUNDS)
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255
@@ -373,6 +374,9 @@ def train(args: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     log = []
+    # bytes are reproducible for a seed on one CPU kernel path; another path (e.g. AVX-512 vs AVX2) rounds
+    # differently, so the log says which one trained this checkpoint
+    platform = {**library_versions(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     t_train = time.time()
     for step in range(args.steps):
         size = SIZES[step % len(SIZES)]
@@ -481,7 +485,7 @@ def train(args: argparse.Namespace) -> None:
             save_openai_fp16(model, args.out / f"step{step + 1}.pt")
             save_openai_fp16(model, args.out / "last.pt")
             (args.out / "log.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                           "evals": log}, indent=1))
+                                                           "platform": platform, "evals": log}, indent=1))
     print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
