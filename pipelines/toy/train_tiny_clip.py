@@ -1,6 +1,6 @@
 """Recipe: train ``clipes-tiny`` on image-text pairs of the toy world.
 
-    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 32-44 min on 2 cores; then copy runs/tiny/last.pt
+    python pipelines/toy/train_tiny_clip.py --out runs/tiny   # 30-44 min on 2 cores; then copy runs/tiny/last.pt
                                                               # to clip_es/model/weights/clipes-tiny.pt
 
 Supervision is image-level only: captions and class prompts about whole images or
