@@ -208,9 +208,11 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
     """Per-class IoU and mIoU against ground truth for every stage in RUN (saved to RUN/eval.json)."""
     from clip_es.evaluate import EvalOptions, evaluate_run, format_report
 
-    rep = evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split,
-                                        limit=limit))
-    typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+    def show(rep):  # before eval.json is written: a folder that cannot be written still gets its table
+        typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+
+    evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split, limit=limit),
+                 on_report=show)
 
 
 # ----------------------------------------------------------------------------- refine

@@ -4,10 +4,13 @@ Each stage contributes an evaluator to :data:`STAGE_EVALUATORS`: a function
 ``(run, options) -> StagePredictions | None`` (``None`` when the stage is absent) that
 names the dataset split it predicts on and yields ``(image_id, prediction)`` pairs,
 predictions being ``(H, W)`` uint8 label maps (0 = background, ``k + 1`` = class ``k``,
-255 = no prediction / ignored). Metrics are computed here, once, for all stages.
+255 = no prediction / ignored). Metrics are computed once, for all stages, by the pure
+scoring layer (:mod:`clip_es.scoring`, re-exported here).
 
 mIoU is the mean over background + classes of ``TP / (TP + FP + FN)`` on pixels whose
 ground truth is not 255; classes absent from both GT and prediction are left out.
+Images without ground truth (a folder dataset where only some images have a mask) are
+skipped and counted: ``images`` is the number scored, ``images_without_gt`` the rest.
 For predictions with ignored pixels (confidence-guided masks) the report adds
 ``coverage`` (share of GT-valid pixels predicted) and ``precision`` (share of predicted
 pixels that are right); mIoU is then computed on predicted pixels only.
@@ -16,17 +19,19 @@ pixels that are right); mIoU is then computed on predicted pixels only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from clip_es.cam.store import load_cam
-from clip_es.data.registry import open_dataset
+from clip_es.data.registry import dataset_of_run
 from clip_es.errors import ClipEsError, DatasetError, RunDirError
 from clip_es.rundir import RunDir, atomic_write_json
+# the pure scoring layer, re-exported: ``from clip_es.evaluate import confusion_matrix`` keeps working
+from clip_es.scoring import (StagePredictions, confusion_matrix, iou_report, score_predictions,  # noqa: F401
+                             scores_to_labels)
 
 log = logging.getLogger(__name__)
 
@@ -46,66 +51,6 @@ class EvalOptions:
     stages: tuple[str, ...] | None = None
     split: str | None = None
     limit: int | None = None
-
-
-@dataclass
-class StagePredictions:
-    """What an evaluator returns: the dataset it predicts on and ``(id, pred)`` pairs."""
-
-    dataset: Any
-    items: Iterator[tuple[str, np.ndarray]]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
-    """``(n, n)`` counts ``[gt, pred]`` over pixels where neither is 255.
-
-    Args:
-        gt, pred: ``(H, W)`` integer label maps of the same shape.
-        n: number of labels (background + classes).
-    """
-    if gt.shape != pred.shape:
-        raise DatasetError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-    valid = (gt != 255) & (pred != 255) & (gt < n) & (pred < n)
-    idx = gt[valid].astype(np.int64) * n + pred[valid].astype(np.int64)
-    return np.bincount(idx, minlength=n * n).reshape(n, n)
-
-
-def iou_report(conf: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Per-class IoU (``None`` where undefined) and mIoU from a confusion matrix."""
-    tp = np.diag(conf).astype(np.float64)
-    denom = conf.sum(0) + conf.sum(1) - tp
-    per = {name: (float(tp[i] / denom[i]) if denom[i] > 0 else None) for i, name in enumerate(names)}
-    vals = [v for v in per.values() if v is not None]
-    return {"miou": float(np.mean(vals)) if vals else float("nan"), "per_class": per,
-            "pixel_acc": float(tp.sum() / max(conf.sum(), 1))}
-
-
-def scores_to_labels(keys: np.ndarray, maps: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """Argmax of ``[bg, maps]`` with ``bg = (1 - max maps) ** alpha``, mapped to label ids.
-
-    Args:
-        keys: ``(K,)`` 0-based class indices.
-        maps: ``(K, H, W)`` scores in [0, 1].
-
-    Returns:
-        ``(H, W)`` uint8: 0 background, ``keys[k] + 1`` otherwise.
-    """
-    if len(keys) == 0:
-        return np.zeros(maps.shape[1:], np.uint8)
-    bg = (1.0 - maps.max(0)) ** alpha
-    stack = np.concatenate([bg[None], maps], 0)
-    lut = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
-    return lut[stack.argmax(0)]
-
-
-def dataset_of_run(run: RunDir, split: str | None = None):
-    """Reopen the dataset recorded in the run's manifest (optionally another split)."""
-    m = run.read_manifest()
-    d = m.get("dataset")
-    if not d:
-        raise RunDirError(f"{run.path}: no dataset recorded in the manifest; run 'clipes cam' into it first")
-    return open_dataset(d["kind"], d["root"], split or d["split"], d.get("class_file"))
 
 
 def _cam_evaluator(which: str) -> Callable[[RunDir, EvalOptions], StagePredictions | None]:
@@ -169,17 +114,24 @@ def _heldout_dataset(run: RunDir, split: str | None):
 
 
 def _segmenter_evaluator(name: str) -> Callable[[RunDir, EvalOptions], StagePredictions | None]:
-    """Evaluator of a trained segmenter: predicts with ``RUN/<name>/last.pt`` (its trained classes)
-    on a held-out split (``EvalOptions.split``; default see :func:`_heldout_dataset`)."""
+    """Evaluator of a trained segmenter: predicts with ``RUN/<name>/last.pt`` (or ``model.pt``; its
+    trained classes) on a held-out split (``EvalOptions.split``; default see :func:`_heldout_dataset`).
+    Only images with ground truth are predicted; the others are counted."""
 
     def evaluate(run: RunDir, opts: EvalOptions) -> StagePredictions | None:
-        ckpt = run.stage_dir(name) / "last.pt"
-        if not ckpt.is_file():
+        from clip_es.train.checkpoint import segmenter_file
+
+        ckpt = segmenter_file(run.stage_dir(name))
+        if ckpt is None:
             return None
         from clip_es.train.segment import segmenter_predictions
 
         ds = _heldout_dataset(run, opts.split)
-        return StagePredictions(ds, segmenter_predictions(ckpt, ds), {"split": ds.split})
+        ids = ds.ids()
+        gt_path = getattr(ds, "gt_path", None)  # readers with mask files: skip images without one unread
+        with_gt = ids if gt_path is None else [i for i in ids if gt_path(i) is not None]
+        return StagePredictions(ds, segmenter_predictions(ckpt, ds, ids=with_gt),
+                                {"split": ds.split, "images_without_gt": len(ids) - len(with_gt)})
 
     return evaluate
 
@@ -196,51 +148,32 @@ STAGE_EVALUATORS: dict[str, Callable[[RunDir, EvalOptions], StagePredictions | N
 
 def run_evaluators(run: RunDir) -> dict[str, Callable[[RunDir, EvalOptions], StagePredictions | None]]:
     """:data:`STAGE_EVALUATORS` plus every other segmenter the run holds (``clipes train --name X``:
-    a manifest stage whose folder has a ``last.pt``), e.g. the ``--no-fusion`` ablation."""
+    a manifest stage whose folder has a ``last.pt`` or ``model.pt``), e.g. the ``--no-fusion`` ablation."""
+    from clip_es.train.checkpoint import segmenter_file  # torch, only when a run is evaluated
+
     out = dict(STAGE_EVALUATORS)
     for name in run.read_manifest().get("stages", {}):
-        if name not in out and (run.stage_dir(name) / "last.pt").is_file():
+        if name not in out and segmenter_file(run.stage_dir(name)) is not None:
             out[name] = _segmenter_evaluator(name)
     return out
 
 
-def score_predictions(preds: StagePredictions, limit: int | None = None, desc: str = "eval",
-                      progress: bool = False) -> dict[str, Any]:
-    """Accumulate the confusion matrix of ``preds`` against the dataset's ground truth."""
-    ds = preds.dataset
-    names = ["background"] + [c.name for c in ds.classes]
-    n = len(names)
-    conf = np.zeros((n, n), np.int64)
-    valid_px = predicted_px = 0
-    count = 0
-    for image_id, pred in tqdm(preds.items, desc=desc, disable=not progress, unit="img"):
-        gt = ds.load_gt(image_id)
-        if gt is None:
-            raise DatasetError(f"{image_id}: no ground truth in {ds.root}; eval needs GT masks")
-        conf += confusion_matrix(gt, pred, n)
-        gv = gt != 255
-        valid_px += int(gv.sum())
-        predicted_px += int((gv & (pred != 255)).sum())
-        count += 1
-        if limit and count >= limit:
-            break
-    rep = iou_report(conf, names)
-    rep["confusion"] = {"labels": names, "counts": conf.tolist()}  # counts[gt][pred], pixels
-    rep["images"] = count
-    if predicted_px < valid_px:
-        rep["coverage"] = predicted_px / max(valid_px, 1)
-        rep["precision"] = float(np.diag(conf).sum() / max(conf.sum(), 1))
-    rep.update(preds.extra)
-    return rep
-
-
-def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress: bool = True) -> dict[str, Any]:
+def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress: bool = True,
+                 on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate every stage present in ``run``; save ``RUN/eval.json``; return the report.
 
+    Args:
+        on_report: called with the report before ``eval.json`` is written, so a caller can
+            show it even when the write then fails (``clipes eval`` prints the table there).
+
     Returns:
-        ``{stage: {"miou", "per_class", "pixel_acc", "confusion", "images", [coverage, precision]}}``;
-        ``confusion`` is ``{"labels": [...], "counts": [[...]]}``: ``counts[g][p]`` pixels of
-        ground-truth label ``labels[g]`` predicted as ``labels[p]``.
+        ``{"alpha", "stages": {stage: {"miou", "per_class", "pixel_acc", "confusion", "images",
+        "images_without_gt", [coverage, precision]}}}``; ``images`` counts the images scored
+        (those with ground truth). ``confusion`` is ``{"labels": [...], "counts": [[...]]}``:
+        ``counts[g][p]`` pixels of ground-truth label ``labels[g]`` predicted as ``labels[p]``.
+
+    Raises:
+        OutputWriteError: ``RUN/eval.json`` cannot be written (after ``on_report``).
     """
     rd = RunDir(run)
     if not rd.manifest_path.is_file():
@@ -259,6 +192,8 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
     if not report:
         raise RunDirError(f"{run}: no stage outputs to evaluate; run 'clipes cam' first")
     report_all = {"alpha": options.alpha, "stages": report}
+    if on_report is not None:
+        on_report(report_all)
     atomic_write_json(rd.path / "eval.json", report_all)
     return report_all
 
@@ -286,4 +221,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{report['stages'][s][extra] * 100:9.1f}" if extra in report["stages"][s] else f"{'-':>9}"
                 for s in stages))
     lines.append(f"{'images':<{w}} " + " ".join(f"{report['stages'][s]['images']:>9}" for s in stages))
+    if any(report["stages"][s].get("images_without_gt") for s in stages):
+        lines.append(f"{'without GT':<{w}} " + " ".join(
+            f"{report['stages'][s].get('images_without_gt', 0):>9}" for s in stages))
+        lines.append("(images = images scored; images without a ground-truth mask are not scored)")
     return "\n".join(lines)

@@ -66,7 +66,7 @@ def _source_image_ids(run: RunDir, ids: list[str]) -> dict[str, Any]:
     kind = (run.read_manifest().get("dataset") or {}).get("kind")
     if kind != "coco":
         return {i: i for i in ids}
-    from clip_es.evaluate import dataset_of_run
+    from clip_es.data.registry import dataset_of_run
 
     ds = dataset_of_run(run)
     return {i: int(ds._coco_id(i)) for i in ids}

@@ -316,7 +316,7 @@ def show_run(run: str | Path, out: str | Path, ids: list[str] | None = None, n: 
     Raises:
         RunDirError: no cam outputs in the run. ConfigError: bad ids or options.
     """
-    from clip_es.evaluate import dataset_of_run
+    from clip_es.data.registry import dataset_of_run
 
     if not 1 <= n <= MAX_IMAGES:
         raise ConfigError(f"--n must be in 1..{MAX_IMAGES}, got {n}")

@@ -28,10 +28,10 @@ from clip_es.cam.run import preprocess
 from clip_es.cam.store import upsample
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError
-from clip_es.evaluate import confusion_matrix, iou_report, scores_to_labels
 from clip_es.model.dense import block_forward, dense_forward, pool_tokens
 from clip_es.model.resolve import load_clip
 from clip_es.model.text import background_embeddings, check_templates, class_embeddings
+from clip_es.scoring import confusion_matrix, iou_report, scores_to_labels
 from clip_es.stage import resolve_device
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,9 @@ def rank_templates(cfg: PromptsConfig, progress: bool = True) -> dict[str, Any]:
 
     Returns:
         ``{"rows": [TemplateScore as dict, sorted by sharpness], "selected": template,
-        "best_by_miou": template | None, "spearman": rho | None, "images": n}``.
+        "best_by_miou": template | None, "spearman": rho | None, "images": n, "gt_images": m}``;
+        the CAM mIoU is scored on the ``m`` of the ``n`` images that have ground truth
+        (``None`` when none has).
     """
     templates = check_templates(cfg.templates)
     if cfg.limit < 1:
@@ -119,12 +121,12 @@ def rank_templates(cfg: PromptsConfig, progress: bool = True) -> dict[str, Any]:
     n_lab = len(ds.classes) + 1
     sharp = [[] for _ in templates]
     confs = [np.zeros((n_lab, n_lab), np.int64) for _ in templates]
-    has_gt = True
+    n_gt = 0
     for image_id in tqdm(ids, desc="prompts", unit="img", disable=not progress):
         keys = list(ds.labels(image_id))
         image = ds.load_image(image_id)
-        gt = ds.load_gt(image_id) if has_gt else None
-        has_gt = has_gt and gt is not None
+        gt = ds.load_gt(image_id)  # None: the image is ranked by sharpness only
+        n_gt += gt is not None
         x = preprocess(image, 1.0, clip.patch_size, clip.mean, clip.std).to(clip.device)
         with torch.no_grad():
             d = dense_forward(clip.visual, x, attn_blocks=0)
@@ -133,11 +135,14 @@ def rank_templates(cfg: PromptsConfig, progress: bool = True) -> dict[str, Any]:
         for j, (cls_t, bg_t) in enumerate(texts):
             probs = (clip.logit_scale * img @ torch.cat([cls_t, bg_t]).t()).softmax(-1)[0]
             sharp[j].append(dispersion(probs[keys].cpu().numpy()))
-            if has_gt:
+            if gt is not None:
                 g = softmax_gradcam(clip.visual, d.penultimate, d.grid, torch.cat([cls_t[keys], bg_t]), len(keys),
                                     clip.logit_scale, pooling=cfg.pooling)
                 cam = upsample(g.cam.cpu().numpy(), image.shape[:2])
                 confs[j] += confusion_matrix(gt, scores_to_labels(np.asarray(keys), cam, cfg.alpha), n_lab)
+    has_gt = n_gt > 0
+    if 0 < n_gt < len(ids):
+        log.info("prompts: %d of %d images have ground truth; CAM mIoU is scored on those", n_gt, len(ids))
     names = ["background"] + [c.name for c in ds.classes]
     rows = [TemplateScore(t, float(np.mean(s)), iou_report(c, names)["miou"] if has_gt else None)
             for t, s, c in zip(templates, sharp, confs)]
@@ -145,7 +150,7 @@ def rank_templates(cfg: PromptsConfig, progress: bool = True) -> dict[str, Any]:
     best = max(rows, key=lambda r: r.cam_miou).template if has_gt else None
     rho = spearman([r.sharpness for r in rows], [r.cam_miou for r in rows]) if has_gt else None
     return {"rows": [r.__dict__ for r in rows], "selected": rows[0].template, "best_by_miou": best,
-            "spearman": rho, "images": len(ids)}
+            "spearman": rho, "images": len(ids), "gt_images": n_gt}
 
 
 def format_ranking(rep: dict[str, Any]) -> str:
@@ -156,6 +161,8 @@ def format_ranking(rep: dict[str, Any]) -> str:
         m = f"{r['cam_miou'] * 100:8.1f}" if r["cam_miou"] is not None else f"{'-':>8}"
         lines.append(f"{r['template']:<{w}}  {r['sharpness']:9.4f}  {m}")
     lines.append(f"selected (lowest sharpness): {rep['selected']!r}   on {rep['images']} multi-label images")
+    if rep.get("gt_images") is not None and rep["best_by_miou"] is not None:
+        lines.append(f"CAM mIoU on the {rep['gt_images']} of them with ground truth")
     if rep["best_by_miou"] is not None:
         lines.append(f"best by CAM mIoU: {rep['best_by_miou']!r}")
     if rep["spearman"] is not None:

@@ -48,7 +48,7 @@ import numpy as np
 
 from clip_es.data.base import ClassSpec, check_id, read_class_file, validate_gt
 from clip_es.data.image_io import image_size, read_image
-from clip_es.data.registry import builtin_classes
+from clip_es.data.classes import builtin_classes
 from clip_es.errors import DatasetError, ImageError, LabelError
 
 log = logging.getLogger(__name__)

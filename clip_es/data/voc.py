@@ -22,7 +22,7 @@ import numpy as np
 
 from clip_es.data.base import ClassSpec, check_id, read_class_file
 from clip_es.data.image_io import read_gt, read_image
-from clip_es.data.registry import builtin_classes
+from clip_es.data.classes import builtin_classes
 from clip_es.errors import DatasetError, LabelError
 
 log = logging.getLogger(__name__)

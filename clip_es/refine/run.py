@@ -46,11 +46,12 @@ from tqdm import tqdm
 
 from clip_es.cam.store import CamMaps, load_cam, upsample
 from clip_es.data.image_io import mask_to_png_bytes, read_image
+from clip_es.data.registry import dataset_of_run
 from clip_es.errors import ClipEsError, ConfigError, DatasetError, RunDirError
-from clip_es.evaluate import dataset_of_run, scores_to_labels
 from clip_es.refine.crf import CrfParams, conf_to_uint8, dense_crf, labels_from_q, scores_to_probs, stack_scores
 from clip_es.refine.store import CONF, CRF, MASKS, STAGE, is_valid_png, refine_dir
 from clip_es.rundir import OutputWriteError, RunDir, atomic_write_bytes
+from clip_es.scoring import scores_to_labels
 from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, select_ids, working_size
 
 log = logging.getLogger(__name__)

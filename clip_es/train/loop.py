@@ -5,48 +5,47 @@ Outputs in ``RUN/<name>/`` (``name`` defaults to ``segmenter``)::
     config.json   stage parameters (also in the manifest, hashed)
     text.pt       cached CLIP text embeddings of the classes
     last.pt       checkpoint: model, optimizer, step, config, class text, RNG state
+    model.pt      the same weights for inference only (no optimizer: a third of last.pt)
     log.csv       loss curve: step, loss (mean over processes), lr
 
-Checkpoints are plain dicts of tensors and JSON-able values (``torch.load(weights_only=True)``),
-written atomically every ``save_every`` steps and at the end. ``resume=True`` continues from
+Checkpoints (formats in :mod:`clip_es.train.checkpoint`) are written atomically every
+``save_every`` steps and at the end. ``resume=True`` continues from
 ``last.pt`` and reproduces the loss curve of an uninterrupted run exactly (same device and
 thread count): the sample stream is a function of the step (see :mod:`clip_es.train.data`),
 the LR schedule of the step, and everything else is in the checkpoint.
 
-Multi-process: launched by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), each
-process trains on its own slice of every step's samples with DDP (gloo on CPU, nccl on
-CUDA); ``batch_size`` is per process. Only rank 0 writes files. BatchNorm statistics are
-per process (no SyncBN).
+Multi-process: launched by ``torchrun`` (set-up in :mod:`clip_es.train.distributed`), each
+process trains on its own slice of every step's samples with DDP; ``batch_size`` is per
+process. Only rank 0 writes files. BatchNorm statistics are per process (no SyncBN).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import random
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_es.errors import ClipEsError, ConfigError, RunDirError, WeightsError, first_line
-from clip_es.rundir import RunDir, atomic_write, atomic_write_bytes, params_hash
+from clip_es.data.registry import dataset_of_run
+from clip_es.errors import ClipEsError, ConfigError, RunDirError
+from clip_es.rundir import RunDir, atomic_write_bytes, params_hash
 from clip_es.stage import resolve_device
+# checkpoint I/O and the DDP set-up live in their own modules; re-exported for existing imports
+from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_checkpoint,  # noqa: F401
+                                      rng_state, save_checkpoint, set_rng_state, weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
+from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
 from clip_es.train.losses import get_loss
 from clip_es.train.model import SegmenterArch, backbone_norm, build_segmenter, count_parameters
 from clip_es.train.text import cached_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "clipes-segmenter/1"
-LAST = "last.pt"
 LOG = "log.csv"
 
 
@@ -61,7 +60,8 @@ class TrainConfig:
         steps: optimizer steps in total.
         batch_size: images per step and process.
         crop_size: training crop side in pixels.
-        lr, weight_decay: AdamW; the LR warms up linearly for ``warmup`` steps then follows a cosine to 0.
+        lr, weight_decay: AdamW; the LR warms up linearly for ``warmup`` steps (at most ``steps // 5``;
+            config.json records the number used) then follows a cosine to 0.
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
         loss: ``ce`` (softmax cross-entropy) or ``sigmoid`` (per-class focal + dice).
@@ -135,8 +135,10 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 
 
 def stage_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The output-deciding parameters (config.json, manifest hash); ``warmup`` as :func:`lr_at` uses it."""
     p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
     p["scale_range"] = list(cfg.scale_range)
+    p["warmup"] = warmup_steps(cfg)
     return p
 
 
@@ -165,70 +167,15 @@ class TrainResult:
         return s + f"; checkpoint {self.checkpoint}"
 
 
-# ----------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (single process when unset)."""
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", "0"))
-            local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        except ValueError as e:
-            raise ConfigError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from e
-        return cls(rank, world, local)
-
-
-@contextmanager
-def distributed(info: DistInfo, device: str) -> Iterator[None]:
-    """Init the process group for ``info`` (no-op for one process), destroy it on exit."""
-    import torch.distributed as dist
-
-    owned = False
-    if info.enabled and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        owned = True
-    try:
-        yield
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _broadcast_error(info: DistInfo, err: BaseException | None) -> None:
-    """Make every rank raise when rank 0 failed during preparation (instead of hanging)."""
-    if not info.enabled:
-        if err is not None:
-            raise err
-        return
-    import torch.distributed as dist
-
-    msg = [f"{type(err).__name__}: {err}" if err is not None else None]
-    dist.broadcast_object_list(msg, src=0)
-    if err is not None:
-        raise err
-    if msg[0] is not None:
-        raise ClipEsError(f"rank 0 failed: {msg[0]}")
-
-
 # ----------------------------------------------------------------------------- helpers
+def warmup_steps(cfg: TrainConfig) -> int:
+    """Warm-up steps actually used: ``min(warmup, steps // 5)``."""
+    return min(cfg.warmup, cfg.steps // 5)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up for ``min(warmup, steps // 5)`` steps, then cosine decay to 0."""
-    warm = min(cfg.warmup, cfg.steps // 5)
+    """Linear warm-up for :func:`warmup_steps` steps, then cosine decay to 0."""
+    warm = warmup_steps(cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(1, cfg.steps - warm)
@@ -248,48 +195,6 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
         out.append({"params": params, "weight_decay": 0.0 if no_wd else cfg.weight_decay,
                     "lr_mult": cfg.backbone_lr_mult if is_bb else 1.0})
     return out
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    st: dict[str, Any] = {"torch": torch.get_rng_state(),
-                          "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                                    "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-                          "python": {"version": py_state[0], "state": list(py_state[1]),
-                                     "gauss": py_state[2]}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = st["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a segmenter checkpoint (``weights_only=True``).
-
-    Raises:
-        WeightsError: missing, unreadable or not a segmenter checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"segmenter checkpoint {path} does not exist; train one with 'clipes train'")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable segmenter checkpoint ({type(e).__name__}: "
-                           f"{first_line(e)})") from e
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path}: not a clipes segmenter checkpoint (format {CHECKPOINT_FORMAT})")
-    return ck
 
 
 def _write_log(path: Path, rows: list[list]) -> None:
@@ -338,8 +243,6 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
            on_step: Callable[[int, float], None] | None) -> TrainResult:
     import torch.distributed as dist
 
-    from clip_es.evaluate import dataset_of_run
-
     run = RunDir(cfg.run)
     out = run.stage_dir(cfg.name)
     payload: dict[str, Any] | None = None
@@ -349,7 +252,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             payload = _prepare(cfg, run, out)
         except BaseException as e:  # re-raised below on every rank
             err = e
-    _broadcast_error(info, err)
+    broadcast_error(info, err)
     if payload is None:
         payload = torch.load(out / "text.pt", map_location="cpu", weights_only=True)
 
@@ -374,6 +277,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     start, rows, resumed = 0, [], None
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
+        if ck["format"] != CHECKPOINT_FORMAT:
+            raise RunDirError(f"{ckpt_path} holds weights only (no optimizer state); it cannot be resumed")
         if ck["config"]["arch"] != arch.to_dict():
             raise RunDirError(f"{ckpt_path} was trained with another architecture; use another --name")
         model.load_state_dict(ck["model"])
@@ -382,7 +287,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         if ck.get("ids_hash") != ids_hash and info.main:
             log.warning("the training images changed since %s was saved (labels added or removed): the "
                         "resumed run samples differently from an uninterrupted one", ckpt_path)
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         if info.main:
             log.info("resuming %s at step %d", ckpt_path, start)
 
@@ -401,8 +306,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     def save(step: int) -> None:
         ck = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
               "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world},
-              "text": payload, "log": [list(r) for r in rows], "rng": _rng_state(), "ids_hash": ids_hash}
-        atomic_write(ckpt_path, lambda f: torch.save(ck, f))
+              "text": payload, "log": [list(r) for r in rows], "rng": rng_state(), "ids_hash": ids_hash}
+        save_checkpoint(ckpt_path, ck)
+        save_checkpoint(out / MODEL, weights_only(ck))
         _write_log(out / LOG, rows)
 
     if info.main:

@@ -32,7 +32,7 @@ from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
 from clip_es.stage import StageResult, fit_image, resolve_device
-from clip_es.train.loop import load_checkpoint
+from clip_es.train.checkpoint import load_checkpoint
 from clip_es.train.model import STRIDE, Segmenter, SegmenterArch
 from clip_es.train.text import lists_to_specs, specs_to_lists, text_for_classes
 
@@ -247,8 +247,9 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     return res
 
 
-def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto") -> Iterator[tuple[str, np.ndarray]]:
-    """``(id, labels)`` for every image of ``ds`` with the checkpoint's trained classes (for eval).
+def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto",
+                          ids: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(id, labels)`` for every image of ``ds`` (or of ``ids``) with the checkpoint's trained classes (for eval).
 
     The checkpoint's classes must be the dataset's (same names, same order).
     """
@@ -257,5 +258,5 @@ def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto") -> I
     if names != [c.name for c in ds.classes]:
         raise RunDirError(f"{checkpoint} predicts classes {names}, but the dataset has "
                           f"{[c.name for c in ds.classes]}")
-    for image_id in ds.ids():
+    for image_id in ds.ids() if ids is None else ids:
         yield image_id, predict_labels(seg, ds.load_image(image_id))

@@ -5,9 +5,8 @@
 
 Supervision is image-level only: captions and class prompts about whole images or
 crops. A crop's caption and labels name only the objects still clearly visible in it
-(decided from the generator's own object layout, the same way a caption writer would
-look at the crop); objects cut to a sliver are left out of the loss, not called absent.
-No pixel-level target ever enters a loss.
+(the caption writer's rule, in pipelines/toy/views.py); objects cut to a sliver are left
+out of the loss, not called absent. No pixel-level target ever enters a loss.
 
 Losses, each on both poolings (mean of patch tokens, as CLIP-ES pools; CLS, as
 open_clip pools):
@@ -28,10 +27,10 @@ open_clip pools):
     labels name), and the pooled belief must match the patch's own, so a patch attends to
     patches of its own class rather than merely to its neighbours (what CAA needs).
 
-Experimental terms, off by default and not part of the shipped recipe (what each did is in
-pipelines/toy/RESULTS.md): ``--attn-sharpen``, ``--attn-purity``, ``--qk-tied-init``,
-``--deep-mil``, ``--attn-avoid``, ``--attn-region-via caa``, and the world-change probe
-``--shared-colours``. No term, shipped or experimental, uses labels beyond the image-level
+These are the terms the shipped checkpoint was trained with. Terms that were measured and
+left off (attention sharpening and purity, tied query/key init, deep MIL, attention
+avoidance, boxes pooled through CAA's transition, a shared-colour world) are in
+pipelines/toy/RESULTS.md and in git history. No term uses labels beyond the image-level
 ones above: a box's labels are a crop's labels, and the consistency term's targets are the
 model's own patch beliefs restricted to the words a view's labels name.
 
@@ -43,7 +42,6 @@ step count; single-threaded data generation).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -57,14 +55,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from clip_es.cam.caa import balance_affinity  # noqa: E402
-from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES, caption_for, scene_for  # noqa: E402
+from clip_es.data.toy import TOY_CLASSES, scene_for  # noqa: E402
 from clip_es.model import dense  # noqa: E402
 from clip_es.model.tiny import TinyClipConfig, build_tiny_clip  # noqa: E402
 from clip_es.model.zeroshot import mean_average_precision  # noqa: E402
 from clip_es.rundir import library_versions  # noqa: E402
+from pipelines.toy.views import WORDS, sample_regions, sample_view, visible_labels  # noqa: E402,F401
 
-WORDS = list(TOY_CLASSES) + list(TOY_BACKGROUNDS)
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32) * 255
 #: Training resolutions, cycled over steps.
@@ -75,126 +72,9 @@ TEMPLATES = ["a photo of a {}.", "a clean origami {}.", "a picture of a {}.", "a
              "a {} in the scene.", "there is a {} here.", "a close-up photo of the {}.", "{}."]
 
 
-#: ``--shared-colours``: hue remapping that gives two class pairs one colour family
-#: (ring takes the ball's red, heart takes the star's orange), so a patch's colour no
-#: longer names its class. A world-change experiment; the shipped world is unchanged.
-SHARED_HUES = {135: 0, 165: 27}
-
-
-@contextlib.contextmanager
-def shared_colours():
-    """Within the block, the toy renderer gives ring/ball and heart/star the same hues."""
-    from clip_es.data import toy
-
-    base = toy._hsv_color
-    toy._hsv_color = lambda rng, hue, *rest: base(rng, SHARED_HUES.get(hue, hue), *rest)
-    try:
-        yield
-    finally:
-        toy._hsv_color = base
-
-
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     arr = (np.stack(images).astype(np.float32) - MEAN) / STD
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def visible_labels(mask: np.ndarray, box: tuple[int, int, int, int], background: int,
-                   totals: np.ndarray | None = None):
-    """Labels of the objects clearly visible in ``mask[y0:y1, x0:x1]`` (the caption writer's rule).
-
-    An object counts as present when at least 40% of it, or 15% of the box, is inside;
-    a sliver (over 5% of it or 2% of the box) is ignored (-1); else absent. Background
-    likewise by its share of the box. ``totals`` (per-class pixel counts of the whole mask)
-    may be passed when one mask is judged for many boxes. Returns
-    ``(labels (len(WORDS),), names, bg_name)``.
-    """
-    y0, x0, y1, x1 = box
-    cm = mask[y0:y1, x0:x1]
-    area = max(1, cm.size)
-    if totals is None:
-        totals = np.bincount(mask.ravel(), minlength=len(TOY_CLASSES) + 1)
-    inside_all = np.bincount(cm.ravel(), minlength=len(TOY_CLASSES) + 1)
-    labels = np.zeros(len(WORDS), np.float32)
-    names = []
-    for c in range(1, len(TOY_CLASSES) + 1):
-        total, inside = int(totals[c]), int(inside_all[c])
-        if total == 0:
-            continue
-        if inside >= 0.4 * total or inside >= 0.15 * area:
-            labels[c - 1] = 1
-            names.append(TOY_CLASSES[c - 1])
-        elif inside > 0.05 * total or inside > 0.02 * area:
-            labels[c - 1] = -1  # a sliver: neither present nor absent
-    bg_share = float(inside_all[0]) / area
-    bgi = len(TOY_CLASSES) + background
-    if bg_share >= 0.15:
-        labels[bgi] = 1
-    elif bg_share > 0.02:
-        labels[bgi] = -1
-    return labels, names, (TOY_BACKGROUNDS[background] if labels[bgi] == 1 else None)
-
-
-def sample_view(scene, rng: np.random.Generator, size: tuple[int, int], full_p: float):
-    """A crop (or the whole image) of a scene resized to ``size``, with its labels.
-
-    Returns ``(image (h, w, 3) uint8, labels (len(WORDS),) float in {0, 1, -1=ignore}, caption,
-    (y0, x0, y1, x1, flipped))``; the last item says where the view sits in the scene.
-    """
-    import cv2
-
-    img, mask = scene.image, scene.mask
-    H, W = mask.shape
-    if rng.random() < full_p:
-        y0, x0, y1, x1 = 0, 0, H, W
-    else:
-        th, tw = size
-        frac = rng.uniform(0.3, 0.9)
-        ch = int(round(min(H, W * th / tw) * frac))
-        cw = int(round(ch * tw / th))
-        ch, cw = max(16, min(ch, H)), max(16, min(cw, W))
-        y0 = int(rng.integers(0, H - ch + 1))
-        x0 = int(rng.integers(0, W - cw + 1))
-        y1, x1 = y0 + ch, x0 + cw
-    crop = img[y0:y1, x0:x1]
-    labels, names, bg_name = visible_labels(mask, (y0, x0, y1, x1), scene.background)
-    out = cv2.resize(crop, (size[1], size[0]), interpolation=cv2.INTER_AREA if crop.shape[0] > size[0]
-                     else cv2.INTER_CUBIC)
-    flipped = bool(rng.random() < 0.5)
-    if flipped:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out), labels, caption_for(names, bg_name, rng), (y0, x0, y1, x1, flipped)
-
-
-def sample_regions(scene, geom, grid: tuple[int, int], rng: np.random.Generator, n: int):
-    """``n`` random boxes on a view's patch grid, with the labels of what is visible in each.
-
-    The boxes are crops judged by the same rule as :func:`sample_view`'s, but their
-    features are pooled from the whole view's forward pass, so tokens inside a box are
-    asked not to carry classes that are only outside it. Returns ``(weights (n, gh*gw),
-    labels (n, len(WORDS)))``; a box's weights average its patches.
-    """
-    y0, x0, y1, x1, flipped = geom
-    gh, gw = grid
-    sy, sx = (y1 - y0) / gh, (x1 - x0) / gw
-    weights = np.zeros((n, gh * gw), np.float32)
-    labels = np.zeros((n, len(WORDS)), np.float32)
-    totals = np.bincount(scene.mask.ravel(), minlength=len(TOY_CLASSES) + 1)
-    for r in range(n):
-        bh = int(rng.integers(max(1, gh // 4), gh + 1))
-        bw = int(rng.integers(max(1, gw // 4), gw + 1))
-        py = int(rng.integers(0, gh - bh + 1))
-        px = int(rng.integers(0, gw - bw + 1))
-        cell = np.zeros((gh, gw), np.float32)
-        cell[py:py + bh, px:px + bw] = 1.0 / (bh * bw)
-        weights[r] = cell.ravel()
-        if flipped:  # view column px is scene column x1 - px * sx
-            ax0, ax1 = x1 - (px + bw) * sx, x1 - px * sx
-        else:
-            ax0, ax1 = x0 + px * sx, x0 + (px + bw) * sx
-        box = (int(round(y0 + py * sy)), int(round(ax0)), int(round(y0 + (py + bh) * sy)), int(round(ax1)))
-        labels[r] = visible_labels(scene.mask, box, scene.background, totals)[0]
-    return weights, labels
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -213,12 +93,6 @@ def offdiag_affinity(attn_maps: list[torch.Tensor]) -> torch.Tensor:
     aff = torch.stack(attn_maps).mean(0)
     aff = aff * (1 - torch.eye(aff.shape[-1], device=aff.device))
     return aff / aff.sum(-1, keepdim=True).clamp(min=1e-12)
-
-
-def row_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the rows of ``(B, N, N)`` attention (renormalised), over ``log N``: 1 = uniform."""
-    p = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
-    return -(p * p.clamp(min=1e-12).log()).sum(-1).mean() / math.log(p.shape[-1])
 
 
 def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -278,60 +152,23 @@ def main(argv=None) -> None:
                     help="weight of the in-context region term: boxes on the patch grid, pooled from the whole "
                          "view's tokens, scored against what is visible in each box (0=off)")
     ap.add_argument("--attn-region", type=float, default=10.0,
-                    help="weight of the attention-pooled region term: each box pools the (detached) final patch "
-                         "embeddings through its patches' mean attention rows (self excluded), and must score as "
-                         "what is visible in the box, so attention from a box may not land on objects outside it "
-                         "(0=off; uses the --regions boxes)")
-    ap.add_argument("--attn-region-via", choices=("rows", "caa"), default="rows",
-                    help="what --attn-region pools through: 'rows' = the mean attention rows themselves; 'caa' = "
-                         "the transition CAA builds from them (Sinkhorn-balanced, symmetrised, squared), so "
-                         "attention that every patch sends to the same salient patches is balanced away before "
-                         "the box is scored, as CAA balances it away at inference")
-    ap.add_argument("--attn-avoid", type=float, default=0.0,
-                    help="weight of the attention-avoidance term: the mean attention (self excluded) of a box's "
-                         "patches that lands on patches the model itself scores as a class absent from the box "
-                         "(0=off; uses the --regions boxes)")
+                    help="weight of the attention-pooled region term: a box's mean attention rows (self excluded) "
+                         "pool the detached patch embeddings and must score as what is visible in it (0=off)")
     ap.add_argument("--attn-consistency", type=float, default=2.0,
-                    help="weight of the belief-consistency term (0=off): each patch's attention row (mean over "
-                         "blocks, self excluded) pools the other patches' class beliefs (the model's own, "
-                         "detached, softmax over the words the view's image-level labels name); the loss is the "
-                         "cross-entropy of the pooled beliefs against the patch's own, so a patch should attend "
-                         "to patches that look like the same class")
-    ap.add_argument("--regions", type=int, default=6, help="boxes per view for --region-ml, --attn-region and --attn-avoid")
-    ap.add_argument("--attn-sharpen", type=float, default=0.0,
-                    help="weight of the attention-entropy term (0=off): the normalised entropy of every "
-                         "block's head-averaged patch-to-patch attention rows; uses no labels")
-    ap.add_argument("--attn-purity", type=float, default=0.0,
-                    help="weight of the region-purity term (0=off): each patch's attention row (mean over "
-                         "blocks, self excluded) pools the other patches' word distributions; the pooled "
-                         "distribution's entropy is the loss. Uses no labels")
-    ap.add_argument("--qk-tied-init", action="store_true",
-                    help="start every vision block with key weights equal to its query weights, so attention "
-                         "begins as feature similarity (init only; the weights train freely)")
-    ap.add_argument("--deep-mil", default="",
-                    help="comma-separated 1-based vision blocks whose tokens also get the MIL term "
-                         "(through ln_post and proj), e.g. 3,4,5")
+                    help="weight of the belief-consistency term: the class beliefs a patch's attention row "
+                         "pools (the model's own, detached, over the view's labelled words) must match its own "
+                         "(0=off)")
+    ap.add_argument("--regions", type=int, default=6, help="boxes per view for --region-ml and --attn-region")
     ap.add_argument("--vision-width", type=int, default=TinyClipConfig.vision_width,
                     help="vision tower width (a multiple of 64; heads = width / 64)")
     ap.add_argument("--vision-layers", type=int, default=TinyClipConfig.vision_layers, help="vision tower blocks")
-    ap.add_argument("--shared-colours", action="store_true",
-                    help="world-change experiment: ring and ball share a colour family, heart and star too")
-    ap.add_argument("--make-toy", type=Path, default=None, metavar="DIR",
-                    help="only write the held-out toy set (as `clipes toy make --n 1000 --seed 1`) in this "
-                         "run's world to DIR, then exit (to evaluate a --shared-colours model)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between mAP evaluations/checkpoints")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    if args.out is None and args.make_toy is None:
+    if args.out is None:
         ap.error("--out is required")
-    with shared_colours() if args.shared_colours else contextlib.nullcontext():
-        if args.make_toy is not None:
-            from clip_es.data.toy import make_toy
-
-            make_toy(args.make_toy, n=1000, seed=1)
-            return
-        train(args)
+    train(args)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -349,16 +186,8 @@ def train(args: argparse.Namespace) -> None:
     dev = torch.device(args.device)
     model = build_tiny_clip(TinyClipConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
                             ).to(dev).train()
-    if args.qk_tied_init:
-        with torch.no_grad():
-            for blk in model.visual.transformer.resblocks:
-                c = blk.attn.embed_dim
-                blk.attn.in_proj_weight[c:2 * c] = blk.attn.in_proj_weight[:c]
-    deep_blocks = [int(b) for b in args.deep_mil.split(",") if b.strip()]
-    need_attn = (args.attn_sharpen > 0 or args.attn_purity > 0 or args.attn_region > 0 or args.attn_avoid > 0
-                 or args.attn_consistency > 0)
-    use_regions = args.region_ml > 0 or args.attn_region > 0 or args.attn_avoid > 0
-    use_beliefs = args.attn_avoid > 0 or args.attn_purity > 0 or args.attn_consistency > 0
+    need_attn = args.attn_region > 0 or args.attn_consistency > 0
+    use_regions = args.region_ml > 0 or args.attn_region > 0
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     word_tokens = [tokenizer([t.format(w) for w in WORDS]).to(dev) for t in TEMPLATES]
     ml_scale = torch.nn.Parameter(torch.tensor(10.0, device=dev))
@@ -393,13 +222,11 @@ def train(args: argparse.Namespace) -> None:
             region_labels = torch.from_numpy(np.stack([r[1] for r in regions])).to(dev)  # (B, R, W)
 
         tok, _ = dense.embed(model.visual, x)
-        attn_maps, hidden = [], {}  # patch-to-patch attention per block (when a term needs it)
-        for bi, blk in enumerate(model.visual.transformer.resblocks, 1):
+        attn_maps = []  # patch-to-patch attention per block (when a term needs it)
+        for blk in model.visual.transformer.resblocks:
             tok, _, probs = dense.block_forward(blk, tok, need_weights=need_attn)
             if probs is not None:
                 attn_maps.append(probs[:, 1:, 1:])
-            if bi in deep_blocks:
-                hidden[bi] = tok
         txt = F.normalize(dense.encode_text(model, tokenizer(captions).to(dev)), dim=-1)
         words = F.normalize(dense.encode_text(model, word_tokens[step % len(TEMPLATES)]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
@@ -413,16 +240,15 @@ def train(args: argparse.Namespace) -> None:
             parts[f"cap_{pooling}"] = lc.item()
             parts[f"ml_{pooling}"] = lm.item()
         if args.mil > 0:
-            for name, t in [("mil", tok)] + [(f"mil{b}", hidden[b]) for b in deep_blocks if b in hidden]:
-                cos = project_patches(model.visual, t) @ words.t()  # (B, N, W)
-                # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
-                pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
-                lmil = masked_bce(pooled + ml_bias, labels)
-                loss = loss + args.mil * lmil
-                parts[name] = lmil.item()
-        if args.region_ml > 0 or args.attn_region > 0 or use_beliefs:
+            cos = project_patches(model.visual, tok) @ words.t()  # (B, N, W)
+            # smooth max over patches: (1/T) log mean exp(T cos), scaled like the image-level logits
+            pooled = ml_scale * (torch.logsumexp(mil_temp * cos, 1) - math.log(cos.shape[1])) / mil_temp
+            lmil = masked_bce(pooled + ml_bias, labels)
+            loss = loss + args.mil * lmil
+            parts["mil"] = lmil.item()
+        if args.region_ml > 0 or args.attn_region > 0 or args.attn_consistency > 0:
             patches = model.visual.ln_post(tok[:, 1:]) @ model.visual.proj  # (B, N, D), as mean pooling sums
-        if use_beliefs:  # unit patch embeddings for the belief terms' targets (no gradient)
+        if args.attn_consistency > 0:  # unit patch embeddings for the belief targets (no gradient)
             with torch.no_grad():
                 unit = F.normalize(patches, dim=-1)
         if args.region_ml > 0:
@@ -430,20 +256,11 @@ def train(args: argparse.Namespace) -> None:
             lreg = masked_bce(ml_scale * reg @ words.t() + ml_bias, region_labels)
             loss = loss + args.region_ml * lreg
             parts["region"] = lreg.item()
-        if args.attn_region > 0 or use_beliefs:  # every term that reads where the patches look
+        if need_attn:  # every term that reads where the patches look
             aff = offdiag_affinity(attn_maps)  # (B, N, N)
-        if args.attn_avoid > 0:
-            k = len(TOY_CLASSES)
-            with torch.no_grad():  # the model's own per-patch class belief; a target only
-                belief = torch.sigmoid(ml_scale * unit @ words[:k].t() + ml_bias[:k])
-            absent = (region_labels[..., :k] == 0).float()  # (B, R, K)
-            lav = ((region_w @ aff @ belief) * absent).sum(-1).mean()
-            loss = loss + args.attn_avoid * lav
-            parts["attn_avoid"] = lav.item()
         if args.attn_region > 0:
             # what the rows gather, detached: a target only, so the gradient reaches the attention alone
-            trans = aff if args.attn_region_via == "rows" else balance_affinity(aff)
-            reg = F.normalize(region_w @ trans @ patches.detach(), dim=-1)  # (B, R, D)
+            reg = F.normalize(region_w @ aff @ patches.detach(), dim=-1)  # (B, R, D)
             lar = masked_bce(ml_scale.detach() * reg @ words.detach().t() + ml_bias.detach(), region_labels)
             loss = loss + args.attn_region * lar
             parts["attn_region"] = lar.item()
@@ -455,16 +272,6 @@ def train(args: argparse.Namespace) -> None:
             lcon = -(belief * (aff @ belief).clamp(min=1e-6).log()).sum(-1).mean()
             loss = loss + args.attn_consistency * lcon
             parts["attn_consistency"] = lcon.item()
-        if args.attn_sharpen > 0:
-            lent = torch.stack([row_entropy(a) for a in attn_maps]).mean()
-            loss = loss + args.attn_sharpen * lent
-            parts["attn_ent"] = lent.item()
-        if args.attn_purity > 0:
-            with torch.no_grad():
-                word_p = (ml_scale * unit @ words.t()).softmax(-1)  # a target only
-            lpur = row_entropy(aff @ word_p)  # rows already sum to 1
-            loss = loss + args.attn_purity * lpur
-            parts["purity"] = lpur.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,124 @@
+"""Segmenter checkpoint files: what ``clipes train`` writes and segment / export-onnx / eval read.
+
+Two formats, both plain dicts of tensors and JSON-able values read with
+``torch.load(weights_only=True)``:
+
+* ``RUN/<name>/last.pt`` (:data:`CHECKPOINT_FORMAT`): the training state. ``model``,
+  ``optimizer`` (AdamW moments: twice the model's size again), ``step``, ``config``
+  (``train`` parameters, ``arch``, ``world_size``), ``text`` (the class text record),
+  ``log``, ``rng`` and ``ids_hash``. What ``--resume`` continues from.
+* ``RUN/<name>/model.pt`` (:data:`WEIGHTS_FORMAT`): for inference only. ``model``, ``step``,
+  ``config`` and ``text``, no optimizer, RNG or log: about a third of ``last.pt`` in float32
+  (the predictions are identical), a sixth in float16 (:func:`export_weights` with
+  ``dtype="float16"``). ``clipes train`` writes it beside every ``last.pt``.
+
+:func:`load_checkpoint` reads either; only a training checkpoint can be resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip_es.errors import ConfigError, WeightsError, first_line
+from clip_es.rundir import atomic_write
+
+CHECKPOINT_FORMAT = "clipes-segmenter/1"
+WEIGHTS_FORMAT = "clipes-segmenter-weights/1"
+LAST = "last.pt"
+MODEL = "model.pt"
+#: Keys a weights-only file keeps from a training checkpoint.
+_WEIGHTS_KEYS = ("model", "step", "config", "text")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a segmenter checkpoint, training (``last.pt``) or weights-only (``model.pt``).
+
+    The dict's ``format`` says which; both hold ``model``, ``step``, ``config`` and ``text``.
+
+    Raises:
+        WeightsError: missing, unreadable or not a segmenter checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"segmenter checkpoint {path} does not exist; train one with 'clipes train'")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable segmenter checkpoint ({type(e).__name__}: "
+                           f"{first_line(e)})") from e
+    if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+        raise WeightsError(f"{path}: not a clipes segmenter checkpoint (format {CHECKPOINT_FORMAT} or "
+                           f"{WEIGHTS_FORMAT})")
+    return ck
+
+
+def save_checkpoint(path: str | Path, ck: dict[str, Any]) -> None:
+    """Write ``ck`` to ``path`` atomically (a reader never sees half a file)."""
+    atomic_write(path, lambda f: torch.save(ck, f))
+
+
+def weights_only(ck: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """The inference part of a checkpoint dict: model (floating tensors cast to ``dtype``), step, config, text."""
+    if dtype not in _DTYPES:
+        raise ConfigError(f"weights dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    out = {k: ck[k] for k in _WEIGHTS_KEYS}
+    out["model"] = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    out["format"] = WEIGHTS_FORMAT
+    return out
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Write the weights-only file of ``checkpoint`` (e.g. a ``last.pt`` from before ``model.pt`` existed).
+
+    Args:
+        checkpoint: a segmenter checkpoint (either format).
+        out: the file to write (``.pt``).
+        dtype: ``float32`` (same predictions) or ``float16`` (half the size; predictions may
+            differ on a few boundary pixels).
+
+    Raises:
+        WeightsError: ``checkpoint`` is not a segmenter checkpoint.
+        OutputWriteError: ``out`` cannot be written.
+    """
+    out = Path(out)
+    save_checkpoint(out, weights_only(load_checkpoint(checkpoint), dtype))
+    return out
+
+
+def segmenter_file(folder: str | Path) -> Path | None:
+    """The checkpoint a stage folder offers for inference: ``last.pt``, else ``model.pt``, else ``None``."""
+    for name in (LAST, MODEL):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (torch, numpy, python, CUDA), as checkpoint values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st: dict[str, Any] = {"torch": torch.get_rng_state(),
+                          "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                                    "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+                          "python": {"version": py_state[0], "state": list(py_state[1]),
+                                     "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
