@@ -350,7 +350,7 @@ def _pair(text: str, opt: str) -> tuple[float, float]:
 
 @app.command()
 def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint "
-                                            "(RUN/segmenter/last.pt)."),
+                                            "(RUN/segmenter/model.pt, or last.pt)."),
             out: Path = typer.Option(..., "--out", "-o", help="Folder for <id>.png palette predictions."),
             images: Optional[Path] = typer.Option(None, "--images", help="A folder of images to segment."),
             dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Or a dataset kind: voc, coco, "
@@ -381,7 +381,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
 
 
 @app.command("export-onnx")
-def export_onnx_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint."),
+def export_onnx_cmd(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint "
+                                                    "(RUN/segmenter/model.pt, or last.pt)."),
                     out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
                     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes to bake "
                                                           "in (default: the trained ones)."),

@@ -106,12 +106,25 @@ def test_prompts_score_the_images_with_ground_truth(partial_root, tiny_clip_path
     assert f"on the {len(with_gt)} of them with ground truth" in format_ranking(rep)
 
 
+def test_recipe_eval_scores_the_images_with_ground_truth(partial_root, tiny_clip_path, tmp_path):
+    from clip_es.recipe import load_recipe, run_recipe
+
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(f'[dataset]\nkind = "folder"\nsplit = "labels"\n[model]\nmodel = "{tiny_clip_path}"\n'
+                      '[cam]\ndevice = "cpu"\n[eval]\nstages = ["cam", "caa"]\n')
+    res = run_recipe(load_recipe(recipe), partial_root, tmp_path / "run", progress=False)
+    for stage in ("cam", "caa"):
+        assert res["eval"]["stages"][stage]["images"] == N_GT
+        assert res["eval"]["stages"][stage]["images_without_gt"] == 6 - N_GT
+
+
 # ----------------------------------------------------------------------------- unwritable run folder
 def test_eval_prints_the_table_before_a_failed_write(partial_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(partial_run, run)
     (run / "eval.json").mkdir()  # cannot be replaced by a file, whoever runs the test
-    proc = subprocess.run([sys.executable, "-m", "clip_es", "eval", "--run", str(run), "--stage", "cam"],
+    cmd = ["eval", "--run", str(run), "--stage", "cam", "--limit", str(N_GT)]  # images with GT only
+    proc = subprocess.run([sys.executable, "-m", "clip_es", *cmd],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
@@ -127,7 +140,7 @@ def test_eval_on_a_read_only_run_folder(partial_run, tmp_path, capsys):
     shutil.copytree(partial_run, run)
     run.chmod(0o555)
     try:
-        assert run_cli(["eval", "--run", str(run), "--stage", "cam"]) != 0
+        assert run_cli(["eval", "--run", str(run), "--stage", "cam", "--limit", str(N_GT)]) != 0
     finally:
         run.chmod(0o755)
     cap = capsys.readouterr()

@@ -139,7 +139,7 @@ class SegmentConfig:
     """Options of ``clipes segment``.
 
     Attributes:
-        checkpoint: segmenter checkpoint (``RUN/segmenter/last.pt``).
+        checkpoint: segmenter checkpoint (``RUN/segmenter/model.pt`` or ``last.pt``).
         out: folder for ``<id>.png`` palette predictions (plus ``classes.txt``, ``segment.json``).
         images: a folder of images (alternative to a dataset).
         dataset, root, split: a dataset split to predict on.
