@@ -164,7 +164,9 @@ class TrainResult:
             s += f", {self.images_per_s:.1f} img/s"
         if self.world_size > 1:
             s += f" ({self.world_size} processes)"
-        return s + f"; checkpoint {self.checkpoint}"
+        s += f"; checkpoint {self.checkpoint}"
+        weights = Path(self.checkpoint).with_name(MODEL)
+        return s + (f" (for inference: {weights})" if weights.is_file() else "")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -10,7 +10,8 @@ comparable across days. This runs short trainings of both recipes, alternating
 Default comparison: the shipped recipe (its attention terms need the explicit attention
 softmax in every block) against run 4's (``--region-ml 0 --attn-region 0 --attn-consistency 0``).
 With ``--against REV`` the baseline is instead the recipe script as committed at git revision
-REV, run with its own defaults: the same recipe before and after an implementation change.
+REV, run with its own defaults: the same recipe before and after an implementation change
+(the view sampling it imports, ``pipelines/toy/views.py``, is the working tree's).
 """
 
 from __future__ import annotations
