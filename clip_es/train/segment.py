@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip_es.data.base import ClassSpec, check_id, read_class_file
+from clip_es.data.base import ClassSpec, read_class_file
 from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
@@ -177,25 +177,31 @@ class SegmentConfig:
 
 
 def folder_images(folder: str | Path) -> list[tuple[str, Path]]:
-    """``(id, path)`` of the images directly in ``folder`` (sorted; ids must be unique)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"--images {folder} is not a folder")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            check_id(p.stem, str(folder))
-            if p.stem in out:
-                raise DatasetError(f"{folder}: two images share the id {p.stem!r} ({out[p.stem].name}, {p.name})")
-            out[p.stem] = p
-    if not out:
-        raise DatasetError(f"--images {folder} holds no images ({', '.join(IMAGE_EXTS)})")
-    return list(out.items())
+    """``(id, path)`` of the images directly in ``folder`` (sorted by name; see
+    :func:`~clip_es.data.folder.scan_images`, which also says which files were left out)."""
+    from clip_es.data.folder import scan_images
+
+    found, _ = scan_images(folder)
+    return found
+
+
+def _folder_checked(folder: str | Path) -> tuple[list[tuple[str, Path]], dict[str, str]]:
+    """:func:`scan_images` for ``--images``: refused only when no image at all is usable."""
+    from clip_es.data.folder import scan_images
+
+    try:
+        found, refused = scan_images(folder)
+    except DatasetError as e:
+        raise DatasetError(f"--images {folder} is not a folder") from e
+    if not found:
+        why = f"; left out: {'; '.join(list(refused.values())[:3])}" if refused else ""
+        raise DatasetError(f"--images {folder} holds no images ({', '.join(IMAGE_EXTS)}){why}")
+    return found, refused
 
 
 def _sources(cfg: SegmentConfig) -> Iterator[tuple[str, Any]]:
     if cfg.images is not None:
-        for image_id, path in folder_images(cfg.images)[: cfg.limit]:
+        for image_id, path in _folder_checked(cfg.images)[0][: cfg.limit]:
             yield image_id, (lambda p=path: read_image(p))
         return
     from clip_es.data.registry import open_dataset
@@ -229,6 +235,10 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     atomic_write_json(meta, record)
     atomic_write_bytes(out / "classes.txt", "".join(", ".join(c) + "\n" for c in record["classes"]).encode())
     res = StageResult("segment", str(out))
+    if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
+        for name, reason in _folder_checked(cfg.images)[1].items():
+            res.failed[name] = reason
+            log.warning("%s", reason)
     for image_id, load in tqdm(list(_sources(cfg)), desc="segment", unit="img", disable=not progress):
         target = out / f"{image_id}.png"
         if target.is_file():
