@@ -108,15 +108,25 @@ def parse_classes(classes: str | None = None, class_file: str | Path | None = No
     return None
 
 
+def pad_to_stride(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The one padding rule of inference: ``(B, 3, H, W)`` RGB in [0, 1] padded at the bottom
+    and right to multiples of :data:`STRIDE` with the normalisation ``mean`` (zero after
+    normalising, as training pads). :func:`predict_logits` and the ONNX graph
+    (:mod:`clip_es.train.onnx_export`) both use it, so they agree at every size. Traceable:
+    the pad amounts follow the input's dynamic height and width in an exported graph."""
+    H, W = x.shape[-2], x.shape[-1]
+    ph, pw = (STRIDE - H % STRIDE) % STRIDE, (STRIDE - W % STRIDE) % STRIDE
+    mean = mean.to(x.dtype)
+    return F.pad(x - mean, (0, pw, 0, ph)) + mean
+
+
 @torch.no_grad()
 def predict_logits(seg: LoadedSegmenter, image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 RGB -> ``(K+1, H, W)`` float logits (input padded to a multiple of 32)."""
+    """``(H, W, 3)`` uint8 RGB -> ``(K+1, H, W)`` float logits (input padded by :func:`pad_to_stride`)."""
     H, W = image.shape[:2]
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(seg.device).permute(2, 0, 1)[None].float() / 255
-    ph, pw = (-H) % STRIDE, (-W) % STRIDE
-    if ph or pw:  # pad with the normalisation mean (zero after normalising), as training pads
-        mean = seg.model.mean.to(x.dtype)
-        x = F.pad(x - mean, (0, pw, 0, ph)) + mean
+    if H % STRIDE or W % STRIDE:
+        x = pad_to_stride(x, seg.model.mean)
     return seg.model(x, seg.text)[0, :, :H, :W]
 
 
