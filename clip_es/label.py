@@ -227,7 +227,7 @@ def predict_zero_shot(clip, images: list[tuple[str, Path]], classes: list[ClassS
             log.warning("%s", e)
             continue
         labels[image_id] = multilabel_from_probabilities(p, threshold)
-        probs[image_id] = [round(float(v), 4) for v in p]
+        probs[image_id] = [round(float(v), 6) for v in p]
     return labels, probs, failed
 
 
@@ -333,7 +333,7 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                       f"--out {shlex.quote(str(cfg.out))}\n"
                       f"Probabilities per class: {scores_path.name}")
             atomic_write_bytes(labels_file, _labels_csv(rows, header))
-            atomic_write_json(scores_path, scores)
+            atomic_write_bytes(scores_path, json.dumps(scores, indent=1, ensure_ascii=False).encode("utf-8"))
     # images whose labels differ from the ones their outputs were made with are computed again
     before = (old or {}).get("labels", {})
     recomputed = sorted(i for i in before if table.get(i) != before[i])
