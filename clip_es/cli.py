@@ -317,7 +317,8 @@ def show(run: Path = typer.Option(..., "--run", help="Run folder (cam stage need
                                                                           "--n K: K images starting there."),
          n: int = typer.Option(1, "--n", help="Number of images (a contact sheet, one row per image)."),
          tile: int = typer.Option(200, "--tile", help="Tile width in pixels (height is 4/5 of it).")) -> None:
-    """Picture of image, ground truth, pseudo mask, CRF and each class's CAM and CAA heatmaps, with a legend."""
+    """Picture of image, ground truth, pseudo mask, CRF, the trained segmenter's prediction and each class's CAM
+    and CAA heatmaps, with a legend."""
     from clip_es.visualize import show_run
 
     typer.echo(f"wrote {show_run(run, out, ids=list(image_id) if image_id else None, n=n, tile=tile)}")
@@ -407,7 +408,9 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                                          "on a downscaled copy (bounds memory); 0 = always native size."),
             clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
-                                                          "file.")) -> None:
+                                                          "file."),
+            overlay: bool = typer.Option(False, "--overlay", help="Also write OUT/<id>.overlay.jpg: the image with "
+                                         "the predicted classes' colours blended over it.")) -> None:
     """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
     OUT/classes.txt). Resumable."""
     from clip_es.train.segment import SegmentConfig, segment as run_segment
@@ -415,7 +418,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
     cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
-                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None)
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,
+                        overlay=overlay)
     _finish_stage(run_segment(cfg))
 
 

@@ -2,14 +2,16 @@
 
 One row per image, every tile the same size (the image letterboxed into it)::
 
-    image | ground truth | pseudo mask | CRF | CAM c1 | CAA c1 | CAM c2 | CAA c2 | ...
+    image | ground truth | pseudo mask | CRF | segmenter | CAM c1 | CAA c1 | CAM c2 | CAA c2 | ...
 
 Tiles are labelled above; masks are drawn in vivid display colours (:func:`display_palette`,
 not the VOC colours of the PNG files, whose dark and grey entries vanish on a photo) over a
 dimmed grey copy of the image with region outlines, ignored pixels (255) hatched; CAM/CAA heatmaps use the
 jet colour map over the image. A legend at the bottom gives the colour of every class
-that appears in the sheet, the ignore colour and the heatmap scale. Tiles whose stage
-is absent (no ground truth, no refine run yet) are left out of the row.
+that appears in the sheet, the ignore colour and the heatmap scale. A column appears when
+at least one image of the sheet has it (ground truth, a refine run, a trained
+``segmenter`` whose predictions are computed for the shown images); a row that lacks it
+gets an empty tile saying so, so every column stays aligned.
 
 The pure part is :func:`render_rows` (arrays in, ``(H, W, 3)`` uint8 RGB out);
 :func:`show_run` reads the run folder and writes the PNG.
@@ -49,24 +51,40 @@ _DISTINCT = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 
              (190, 130, 60), (255, 250, 200), (170, 255, 195), (255, 215, 180))
 
 
-def display_palette() -> np.ndarray:
-    """``(256, 3)`` uint8 RGB colours for drawing labels: vivid and well separated.
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.asarray(rgb, np.uint8).reshape(-1, 1, 3), cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(
+        np.float32)
 
-    The VOC palette of the PNG files has dark and grey entries (class 8 dark red, class 7
-    grey) that vanish on a photo, so the picture uses its own colours: a hand-picked
-    distinct set for ids 1-16, then golden-ratio hue steps (id ``k`` gets hue
-    ``k * 0.618``) so every id has a colour. 0 is black (not drawn), 255 white (ignore).
+
+def display_palette(neighbour_gap: float = 50.0) -> np.ndarray:
+    """``(256, 3)`` uint8 RGB colours for drawing labels: vivid, and far apart where it matters.
+
+    For display only (the mask PNGs keep the VOC palette, whose dark and grey entries
+    vanish on a photo and whose neighbours can look alike). Ids 1-16 are a hand-picked
+    distinct set; every later id takes, among saturated candidate colours, the one
+    farthest (in CIELAB, roughly perceptual) from all colours given so far, provided it
+    is at least ``neighbour_gap`` Lab units from the previous id's colour, so classes
+    ``k`` and ``k + 1`` never look alike. With 80 classes (COCO) any two colours are at
+    least 23 Lab units apart, neighbours at least 33. 0 is black (not drawn), 255 white (ignore).
     """
+    hues = np.arange(0, 180, 3)
+    cands = np.concatenate([
+        cv2.cvtColor(np.stack([hues, np.full_like(hues, sat), np.full_like(hues, val)], 1).astype(np.uint8)[:, None],
+                     cv2.COLOR_HSV2RGB)[:, 0]
+        for sat in (150, 200, 255) for val in (170, 215, 255)])
+    lab = _lab(cands)
+    chosen = [np.asarray(c, np.uint8) for c in _DISTINCT]
+    have = _lab(np.stack(chosen))
+    dist = np.min(np.linalg.norm(lab[:, None] - have[None], axis=2), axis=1)
+    last = have[-1]
+    while len(chosen) < 254:
+        far_from_last = np.linalg.norm(lab - last, axis=1) >= neighbour_gap
+        i = int(np.argmax(np.where(far_from_last, dist, -1.0) if far_from_last.any() else dist))
+        chosen.append(cands[i])
+        dist = np.minimum(dist, np.linalg.norm(lab - lab[i], axis=1))
+        last = lab[i]
     pal = np.zeros((256, 3), np.uint8)
-    for k in range(1, 255):
-        if k <= len(_DISTINCT):
-            pal[k] = _DISTINCT[k - 1]
-            continue
-        hue = (0.05 + k * 0.6180339887) % 1.0
-        sat = 0.85 if k % 3 else 0.6
-        val = 1.0 if k % 2 else 0.85
-        hsv = np.array([[[hue * 180, sat * 255, val * 255]]], np.float32).astype(np.uint8)
-        pal[k] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]
+    pal[1:255] = np.stack(chosen)
     pal[255] = (255, 255, 255)
     return pal
 
@@ -76,11 +94,15 @@ _PALETTE = display_palette()
 
 @dataclass
 class Tile:
-    """One labelled panel: ``(H, W, 3)`` uint8 RGB image and a caption (with an optional colour swatch)."""
+    """One labelled panel: ``(H, W, 3)`` uint8 RGB image and a caption (with an optional colour swatch).
 
-    image: np.ndarray
+    ``image=None`` is an empty tile (a column this row has nothing for); ``note`` is written in it.
+    """
+
+    image: np.ndarray | None
     caption: str
     swatch: tuple[int, int, int] | None = None
+    note: str = ""
 
 
 @dataclass
@@ -107,14 +129,16 @@ def heatmap_overlay(image: np.ndarray, score: np.ndarray, weight: float = 0.6) -
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray, weight: float = 0.65) -> np.ndarray:
-    """Label map in the VOC palette over a dimmed grey ``image``; outlines; 255 hatched.
+def mask_overlay(image: np.ndarray, mask: np.ndarray, weight: float = 0.65, grey: bool = True) -> np.ndarray:
+    """Label map in the display palette (:func:`display_palette`) over ``image``; outlines; 255 hatched.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
         mask: ``(H, W)`` uint8 label ids (0 background, 255 ignore).
+        weight: opacity of the label colours.
+        grey: blend over a dimmed grey copy of the image (the contact sheet) instead of its colours.
     """
-    base = _gray(image)
+    base = _gray(image) if grey else image.astype(np.float32)
     colours = _PALETTE[mask].astype(np.float32)
     fg = (mask != 0)[..., None]
     out = np.where(fg, (1 - weight) * base + weight * colours, base)
@@ -229,7 +253,12 @@ def render_rows(rows: list[Row], class_names: list[str], title: str = "", tile_w
                 tx = x0 + 16
             _put(sheet, _clip_text(t.caption, tile_w - (tx - x0), 0.45), tx, cy, 0.45)
             ty = y0 + row_title_h + cap_h
-            sheet[ty:ty + tile_h, x0:x0 + tile_w] = _fit(t.image, tile_w, tile_h)
+            if t.image is None:  # an aligned empty tile: this row has nothing for the column
+                sheet[ty:ty + tile_h, x0:x0 + tile_w] = _TILE_BG
+                note = _clip_text(t.note, tile_w - 12, 0.42)
+                _put(sheet, note, x0 + (tile_w - _text_width(note, 0.42)) // 2, ty + tile_h // 2, 0.42, _DIM_TEXT)
+            else:
+                sheet[ty:ty + tile_h, x0:x0 + tile_w] = _fit(t.image, tile_w, tile_h)
         y0 += row_h
 
     # legend
@@ -254,23 +283,39 @@ def render_rows(rows: list[Row], class_names: list[str], title: str = "", tile_w
 
 
 # ----------------------------------------------------------------------------- run reading
+#: Mask columns of a row, in order: key, caption, what an empty tile says.
+MASK_COLUMNS = (("gt", "ground truth", "no ground truth"), ("mask", "pseudo mask", "no pseudo mask"),
+                ("crf", "CRF (no ignore)", "no CRF output"), ("seg", "segmenter", "no prediction"))
+
+
 def image_row(image_id: str, image: np.ndarray, keys: np.ndarray, cam: np.ndarray, caa: np.ndarray,
               class_names: list[str], gt: np.ndarray | None = None, mask: np.ndarray | None = None,
-              crf: np.ndarray | None = None) -> Row:
+              crf: np.ndarray | None = None, seg: np.ndarray | None = None,
+              columns: tuple[str, ...] | None = None) -> Row:
     """The tiles of one image (pure: arrays in).
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
         keys: ``(K,)`` 0-based class indices of ``cam``/``caa``.
         cam, caa: ``(K, H, W)`` maps in [0, 1].
-        gt, mask, crf: ``(H, W)`` uint8 label maps, or ``None`` when absent.
+        gt, mask, crf, seg: ``(H, W)`` uint8 label maps (ground truth, pseudo mask, CRF argmax,
+            segmenter prediction), or ``None`` when absent.
+        columns: the mask columns of the sheet (keys of :data:`MASK_COLUMNS`): each one gets a
+            tile, an empty one when this row lacks it, so rows stay aligned. ``None``: the
+            columns this row has.
     """
     names = [class_names[int(k)] for k in keys]
     tiles = [Tile(image, "image")]
     labels: set[int] = {int(k) + 1 for k in keys}
     has_ignore = False
-    for arr, cap in ((gt, "ground truth"), (mask, "pseudo mask"), (crf, "CRF (no ignore)")):
+    arrays = {"gt": gt, "mask": mask, "crf": crf, "seg": seg}
+    for key, cap, empty in MASK_COLUMNS:
+        arr = arrays[key]
+        if columns is not None and key not in columns:
+            continue
         if arr is None:
+            if columns is not None:
+                tiles.append(Tile(None, cap, note=empty))
             continue
         tiles.append(Tile(mask_overlay(image, arr), cap))
         labels |= {int(v) for v in np.unique(arr)}
@@ -282,6 +327,25 @@ def image_row(image_id: str, image: np.ndarray, keys: np.ndarray, cam: np.ndarra
     h, w = image.shape[:2]
     title = f"{image_id}  ({w}x{h})  labels: {', '.join(names) or 'none'}"
     return Row(title, tiles, labels, has_ignore)
+
+
+def _segmenter_of_run(rd: RunDir, class_names: list[str]):
+    """The run's trained ``segmenter`` (``RUN/segmenter/last.pt``) when it predicts the run's
+    classes, else ``None`` (with a log line saying why)."""
+    ckpt = rd.path / "segmenter" / "last.pt"
+    if not ckpt.is_file():
+        return None
+    from clip_es.train.segment import load_segmenter
+
+    try:
+        seg = load_segmenter(ckpt, "cpu")
+    except ClipEsError as e:
+        log.warning("segmenter column left out: %s", e)
+        return None
+    if [c.name for c in seg.classes] != class_names:
+        log.warning("segmenter column left out: %s predicts other classes than the run's", ckpt)
+        return None
+    return seg
 
 
 def _pick_ids(available: list[str], ids: list[str] | None, n: int) -> list[str]:
@@ -335,7 +399,8 @@ def show_run(run: str | Path, out: str | Path, ids: list[str] | None = None, n: 
     if not chosen:
         raise RunDirError(f"{rd.path}: no cam outputs to show; run 'clipes cam --out {rd.path}' first")
     names = [c.name for c in ds.classes]
-    rows = []
+    seg_model = _segmenter_of_run(rd, names)
+    items = []
     for image_id in chosen:
         maps = load_cam(cam_dir / f"{image_id}.npz")
         image = ds.load_image(image_id)
@@ -344,11 +409,18 @@ def show_run(run: str | Path, out: str | Path, ids: list[str] | None = None, n: 
         except ClipEsError as e:
             log.warning("%s: ground truth not shown (%s)", image_id, e)
             gt = None
-        extra = {}
-        for kind in (MASKS, CRF):
+        arrays = {"gt": gt}
+        for key, kind in (("mask", MASKS), ("crf", CRF)):
             p = output_path(rd, kind, image_id)
-            extra[kind] = read_output(p) if p.is_file() else None
-        rows.append(image_row(image_id, image, maps.keys, maps.cam, maps.caa, names, gt, extra[MASKS], extra[CRF]))
+            arrays[key] = read_output(p) if p.is_file() else None
+        if seg_model is not None:
+            from clip_es.train.segment import predict_labels
+
+            arrays["seg"] = predict_labels(seg_model, image)
+        items.append((image_id, image, maps, arrays))
+    columns = tuple(key for key, _, _ in MASK_COLUMNS if any(a.get(key) is not None for *_, a in items))
+    rows = [image_row(image_id, image, maps.keys, maps.cam, maps.caa, names, columns=columns, **arrays)
+            for image_id, image, maps, arrays in items]
     kind = (rd.read_manifest().get("dataset") or {}).get("kind", "")
     title = f"clipes show   run {rd.path.resolve().name}   dataset {kind}/{ds.split}   {len(chosen)} image(s)"
     sheet = render_rows(rows, names, title, tile_w=tile, tile_h=tile * 4 // 5)

@@ -158,6 +158,9 @@ class SegmentConfig:
         limit: only the first ``limit`` images.
         clip_model, clip_pretrained: CLIP override for embedding new class names.
         max_side: images with a longer side above it are predicted downscaled (``None``: never).
+        overlay: also write ``OUT/<id>.overlay.jpg``: the image with the predicted label
+            colours blended over it and region outlines (display colours, see
+            :func:`~clip_es.visualize.display_palette`; the PNG masks keep the VOC palette).
     """
 
     checkpoint: str
@@ -173,6 +176,7 @@ class SegmentConfig:
     clip_model: str | None = None
     clip_pretrained: str | None = None
     max_side: int | None = MAX_SIDE
+    overlay: bool = False
 
     def validate(self) -> "SegmentConfig":
         if (self.images is None) == (self.dataset is None):
@@ -251,20 +255,48 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
             log.warning("%s", reason)
     for image_id, load in tqdm(list(_sources(cfg)), desc="segment", unit="img", disable=not progress):
         target = out / f"{image_id}.png"
-        if target.is_file():
+        overlay = out / f"{image_id}{OVERLAY_SUFFIX}"
+        if target.is_file() and (not cfg.overlay or overlay.is_file()):
             res.skipped += 1
             continue
         try:
-            pred = predict_labels(seg, load(), cfg.max_side)
+            image = load()
+            if target.is_file():  # an earlier run without --overlay: draw the saved prediction
+                from clip_es.data.image_io import read_mask
+
+                pred, fresh = read_mask(target), False
+            else:
+                pred, fresh = predict_labels(seg, image, cfg.max_side), True
         except ImageError as e:
             res.failed[image_id] = str(e)
             log.warning("%s", e)
             continue
-        atomic_write_bytes(target, mask_to_png_bytes(pred))
-        res.done += 1
+        if cfg.overlay:
+            atomic_write_bytes(overlay, overlay_jpeg(image, pred))
+        if fresh:
+            atomic_write_bytes(target, mask_to_png_bytes(pred))
+            res.done += 1
+        else:
+            res.skipped += 1
     if res.failed:
         atomic_write_json(out / "failed.json", res.failed)
     return res
+
+
+#: File name ending of ``--overlay`` pictures: ``OUT/<id>.overlay.jpg`` next to ``OUT/<id>.png``.
+OVERLAY_SUFFIX = ".overlay.jpg"
+
+
+def overlay_jpeg(image: np.ndarray, labels: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of ``image`` (``(H, W, 3)`` uint8 RGB) with ``labels`` blended over it in
+    the display colours, region outlines drawn."""
+    from clip_es.visualize import mask_overlay
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(mask_overlay(image, labels, 0.5, grey=False)[..., ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 3-channel array
+        raise ImageError(f"could not encode an overlay of {image.shape[1]}x{image.shape[0]}")
+    return buf.tobytes()
 
 
 def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto") -> Iterator[tuple[str, np.ndarray]]:
