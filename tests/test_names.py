@@ -18,7 +18,7 @@ from clip_es.errors import DatasetError
 from tests.conftest import run_cli
 from tests.test_segmenter import base_run, trained  # noqa: F401 - session fixtures (a 4-step segmenter)
 
-ODD = ["chien café", "熊", "Photo (1)", "a,b;c", "#1 beach", "x'y\"z", " lead", "tab-free ünï", "-dash", "日本 語 (2)"]
+ODD = ["chien café", "熊", "Photo (1)", "a,b;c", "#1 beach", "x'y\"z", "in side", "tab-free ünï", "-dash", "日本 語 (2)"]
 
 
 @pytest.mark.parametrize("name", ODD + ["2007_000032", "a.b.c", "COCO_val2014_000000000139", "x..y"])
@@ -30,7 +30,8 @@ def test_plain_file_names_are_ids(name):
     ("", "empty"), (".", "folder"), ("..", "folder"), ("../x", "separator"), ("a/b", "separator"),
     ("/etc/passwd", "separator"), ("a\\b", "separator"), ("a\x00b", "U+0000"), ("a\nb", "U+000A"),
     ("a\tb", "U+0009"), ("a\x7fb", "U+007F"), ("a\u2028b", "U+2028"), (os.fsdecode(b"caf\xe9"), "UTF-8"),
-    (".hidden", "hidden"), ("._IMG_1", "hidden"), (".tmp-1.host.x", "hidden"),
+    (".hidden", "hidden"), ("._IMG_1", "hidden"), (".tmp-1.host.x", "hidden"), (" lead", "white space"),
+    ("trail ", "white space"),
 ])
 def test_unsafe_names_are_refused(name, why):
     assert why in id_problem(name)
@@ -125,3 +126,16 @@ def test_segment_images_does_not_refuse_the_folder_for_one_name(trained, toy_roo
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(["chien café", "熊", "Photo (1)"])
     failed = json.loads((out / "failed.json").read_text())
     assert list(failed) == ["bad\x02name.jpg"] and "U+0002" in failed["bad\x02name.jpg"]
+
+
+def test_voc_split_file_keeps_ids_with_spaces(tmp_path):
+    from clip_es.data.registry import open_dataset
+    from tests.test_datasets import _voc
+
+    root = _voc(tmp_path)
+    jpgs = sorted((root / "JPEGImages").glob("*.jpg"))
+    shutil.copy(jpgs[0], root / "JPEGImages" / "my photo (1).jpg")
+    (root / "ImageSets" / "Segmentation" / "odd.txt").write_text(f"my photo (1)\n{jpgs[0].stem}  1\n")
+    ds = open_dataset("voc", root, "odd")
+    assert ds.ids() == ["my photo (1)", jpgs[0].stem]
+    assert ds.load_image("my photo (1)").ndim == 3

@@ -125,8 +125,9 @@ def id_problem(image_id: str) -> str | None:
     file spells it (spaces, accents, CJK, ``Photo (1)``...), so every output file
     ``<id>.png`` maps back to its input. Refused: the empty id, ``.`` and ``..``, any
     path separator (``/`` or ``\\``), NUL and other control characters, line
-    separators, names that are not valid UTF-8, and names starting with ``.`` (hidden
-    files such as macOS's ``._IMG_1.jpg``, and the run folder's ``.tmp-`` files).
+    separators, names that are not valid UTF-8, names starting with ``.`` (hidden
+    files such as macOS's ``._IMG_1.jpg``, and the run folder's ``.tmp-`` files) and
+    names starting or ending with white space (labels files trim their cells).
     """
     if not image_id:
         return "it is empty"
@@ -142,6 +143,8 @@ def id_problem(image_id: str) -> str | None:
             return f"it contains {what}"
     if image_id.startswith("."):
         return "it starts with '.' (a hidden file)"
+    if image_id != image_id.strip():
+        return "it starts or ends with white space (labels files trim cells, so it could not be named there)"
     return None
 
 
