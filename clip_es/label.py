@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from clip_es.errors import ConfigError, DatasetError, RunDirError
 from clip_es.export import ExportResult, export_run
 from clip_es.model.text import DEFAULT_TEMPLATE, check_templates
 from clip_es.model.zeroshot import ZERO_SHOT_THRESHOLD
-from clip_es.rundir import atomic_write_bytes, atomic_write_json
+from clip_es.rundir import RunDir, atomic_write_bytes, atomic_write_json
 from clip_es.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class LabelResult:
 
     @property
     def ok(self) -> bool:
-        return not self.left_out and all(r is None or r.ok for r in (self.cam, self.refine))
+        return (not self.left_out and self.png is not None
+                and all(r is None or r.ok for r in (self.cam, self.refine)))
 
     def summary(self) -> str:
         """Lines for the terminal: stages, then where every output is."""
@@ -174,6 +176,8 @@ class LabelResult:
         if self.png is not None:
             lines.append(f"masks (PNG)  {self.png.path}/<id>.png  ({self.png.images} images; 0 background, "
                          f"k = k-th line of {Path(self.png.path) / 'classes.txt'}, 255 unsure)")
+        if self.png is None:
+            lines.append(f"masks        none: no image got a mask (failures: {out / 'manifest.json'})")
         if self.coco is not None:
             lines.append(f"masks (COCO) {self.coco.path}  ({self.coco.images} images, {self.coco.annotations} "
                          "annotations, RLE)")
@@ -296,21 +300,26 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                           "a different class list needs a new --out folder")
     if old is None and (out / "manifest.json").is_file():
         raise RunDirError(f"{out} already holds a run not made by 'clipes label'; pass a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_class_file(class_file, classes)
-
-    clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
     names = [c.name for c in classes]
+    zs_file = out / ZERO_SHOT_LABELS
+    with tempfile.TemporaryDirectory() as tmp:  # labels checked before OUT is touched or the CLIP loaded
+        write_class_file(Path(tmp) / CLASS_FILE, classes)
+        if cfg.labels is not None:
+            labels_file, source = Path(cfg.labels).resolve(), "file"
+            table = _read_labels(root, labels_file, Path(tmp) / CLASS_FILE)
+        else:
+            labels_file, source = zs_file.resolve(), "zero-shot"
+            table = _read_labels(root, labels_file, Path(tmp) / CLASS_FILE) if zs_file.is_file() else {}
     if cfg.labels is not None:
-        labels_file, source = Path(cfg.labels).resolve(), "file"
-        table = _read_labels(root, labels_file, class_file)
         missing = [i for i, _ in found if i not in table]
         if missing:
             log.warning("%d image(s) in %s are not in %s and are not labelled (e.g. %s)", len(missing), images_dir,
                         labels_file, printable_name(missing[0]))
-    else:
-        labels_file, source = (out / ZERO_SHOT_LABELS).resolve(), "zero-shot"
-        table = _read_labels(root, labels_file, class_file) if labels_file.is_file() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    write_class_file(class_file, classes)
+
+    clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
+    if cfg.labels is None:
         todo = [(i, p) for i, p in found if i not in table]
         scores_path = out / ZERO_SHOT_SCORES
         scores = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
@@ -356,6 +365,11 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                             clip=clip, progress=progress)
     res.refine = refine_masks(RefineConfig(run=str(out), conf=cfg.conf, max_side=cfg.max_side, workers=cfg.workers),
                               progress=progress)
+    from clip_es.refine.store import MASKS, output_ids
+
+    if not output_ids(RunDir(out), MASKS):  # every image failed: nothing to export (the failures are listed)
+        log.warning("no image got a mask; nothing exported (see %s)", out / "manifest.json")
+        return res
     res.png = export_run(out, "png", out / PNG_DIR, progress=progress)
     res.coco = export_run(out, "coco", out / COCO_FILE, progress=progress)
     return res

@@ -144,3 +144,25 @@ def test_label_folder_without_images(tmp_path, tiny_clip_path):
     with pytest.raises(DatasetError, match="is not a folder"):
         label_folder(_cfg(tmp_path / "nope", tmp_path / "o", tiny_clip_path, classes="a"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_labels_file_leaves_nothing_behind(photos, tmp_path, tiny_clip_path):
+    from clip_es.errors import LabelError
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("熊.jpg,unicorn\n", encoding="utf-8")
+    with pytest.raises(LabelError, match=r"bad.csv:1: label 'unicorn' is not in the class file"):
+        label_folder(_cfg(photos, tmp_path / "o", tiny_clip_path, classes=CLASSES, labels=str(bad)), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_images_are_listed_not_fatal(tmp_path, tiny_clip_path, photos):
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    res = label_folder(_cfg(photos, tmp_path / "o", tiny_clip_path, classes=CLASSES), progress=False)
+    assert not res.ok and "broken" in res.left_out and "not a readable image" in res.left_out["broken"]
+    assert res.cam.done == 4 and res.png.images == 4  # the others are labelled
+    only_broken = tmp_path / "only"
+    only_broken.mkdir()
+    (only_broken / "x.jpg").write_bytes(b"junk")
+    res = label_folder(_cfg(only_broken, tmp_path / "o2", tiny_clip_path, classes=CLASSES), progress=False)
+    assert not res.ok and res.png is None and "no image got a mask" in res.summary()
