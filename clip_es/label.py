@@ -42,7 +42,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clip_es.data.base import ClassSpec, check_id, read_class_file, write_class_file
-from clip_es.data.folder import FolderDataset, printable_name, scan_images, split_image_name
+from clip_es.data.folder import FolderDataset, printable_name, scan_images
 from clip_es.errors import ConfigError, DatasetError, RunDirError
 from clip_es.export import ExportResult, export_run
 from clip_es.model.text import DEFAULT_TEMPLATE, check_templates
