@@ -171,8 +171,17 @@ def _fit(image: np.ndarray, w: int, h: int) -> np.ndarray:
     return tile
 
 
+def ascii_text(text: str) -> str:
+    """``text`` as OpenCV's fonts can draw it (ASCII only): accents dropped (``café`` ->
+    ``cafe``), other characters (``熊``) as ``?``. For captions only; file names are unchanged."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+
+
 def _text_width(text: str, scale: float, thick: int = 1) -> int:
-    return cv2.getTextSize(text, _FONT, scale, thick)[0][0]
+    return cv2.getTextSize(ascii_text(text), _FONT, scale, thick)[0][0]
 
 
 def _clip_text(text: str, width: int, scale: float) -> str:
@@ -184,7 +193,7 @@ def _clip_text(text: str, width: int, scale: float) -> str:
 
 
 def _put(canvas: np.ndarray, text: str, x: int, y: int, scale: float = 0.45, colour=_TEXT, thick: int = 1) -> None:
-    cv2.putText(canvas, text, (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
+    cv2.putText(canvas, ascii_text(text), (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
 
 
 def _swatch(canvas: np.ndarray, x: int, y: int, size: int, colour, hatched: bool = False) -> None:

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from clip_es.data.image_io import image_size, voc_palette
-from clip_es.visualize import _lab, display_palette, image_row, show_run
+from clip_es.visualize import _lab, ascii_text, display_palette, image_row, show_run
 from tests.conftest import run_cli
 from tests.test_segmenter import base_run, trained  # noqa: F401 - session fixtures (a 4-step segmenter)
 
@@ -71,3 +71,8 @@ def test_segment_overlay(trained, toy_root, tmp_path):  # noqa: F811
     fresh = tmp_path / "fresh"
     assert run_cli(argv[:5] + ["--out", str(fresh), "--limit", "1", "--device", "cpu", "--overlay"]) == 0
     assert len(list(fresh.glob("*.overlay.jpg"))) == len(list(fresh.glob("*.png"))) == 1
+
+
+def test_captions_drop_accents_for_the_ascii_font():
+    assert ascii_text("chien café (1)") == "chien cafe (1)"
+    assert ascii_text("熊 ñ") == "? n"
