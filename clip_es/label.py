@@ -291,6 +291,8 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
         raise DatasetError(f"{images_dir} holds no images (.jpg .jpeg .png .bmp .webp){why}; pass the folder "
                            "that holds your photos")
     out = Path(cfg.out)
+    if out.resolve() in (root.resolve(), images_dir.resolve()):
+        raise ConfigError(f"--out {out} is the image folder; pass another folder for the run (e.g. {root}-labelled)")
     class_file = out / CLASS_FILE
     rec_path = out / RECORD
     old = json.loads(rec_path.read_text(encoding="utf-8")) if rec_path.is_file() else None

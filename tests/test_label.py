@@ -129,8 +129,10 @@ def test_label_cli(photos, tmp_path, tiny_clip_path, capsys):
     (["--classes", "a,a"], "twice"),
     (["--classes", "a", "--threshold", "0"], "--threshold"),
     (["--classes", "a", "--labels", "missing.csv"], "does not exist"),
+    (["--classes", "a", "--out", "PHOTOS"], "is the image folder"),
 ])
 def test_label_cli_errors(photos, tmp_path, capsys, extra, needle):
+    extra = [str(photos) if a == "PHOTOS" else a for a in extra]
     assert run_cli(["label", str(photos), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1

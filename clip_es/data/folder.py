@@ -83,8 +83,6 @@ def scan_images(folder: str | Path) -> tuple[list[tuple[str, Path]], dict[str, s
     Raises:
         DatasetError: ``folder`` is not a folder.
     """
-    from clip_es.errors import DatasetError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder; pass a folder of images ({', '.join(IMAGE_EXTS)})")
