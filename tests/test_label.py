@@ -168,3 +168,13 @@ def test_unreadable_images_are_listed_not_fatal(tmp_path, tiny_clip_path, photos
     (only_broken / "x.jpg").write_bytes(b"junk")
     res = label_folder(_cfg(only_broken, tmp_path / "o2", tiny_clip_path, classes=CLASSES), progress=False)
     assert not res.ok and res.png is None and "no image got a mask" in res.summary()
+
+
+def test_cli_threshold_default_is_the_library_default():
+    import inspect
+
+    from clip_es.cli import label
+    from clip_es.model.zeroshot import ZERO_SHOT_THRESHOLD
+
+    assert inspect.signature(label).parameters["threshold"].default.default == ZERO_SHOT_THRESHOLD
+    assert LabelConfig(images=".", out="o", classes="a").threshold == ZERO_SHOT_THRESHOLD
