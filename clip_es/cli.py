@@ -270,6 +270,47 @@ def export(run: Path = typer.Option(..., "--run", help="Run folder with refine o
     typer.echo(export_run(run, fmt, out).summary())
 
 
+# ----------------------------------------------------------------------------- label
+@app.command()
+def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .bmp .webp; any file name)."),
+          out: Path = typer.Option(..., "--out", "-o", help="Run folder for labels, masks and COCO file (created; "
+                                   "re-running resumes)."),
+          classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names, e.g. "
+                                                "\"cat,dog,sofa\"."),
+          class_file: Optional[Path] = typer.Option(None, "--class-file", help="Class file instead of --classes "
+                                                    "(one class per line, synonyms after the name)."),
+          labels: Optional[Path] = typer.Option(None, "--labels", help="Image-level labels: CSV 'image,label1;label2' "
+                                                "or JSON {\"image\": [\"label\"]}. Default: CLIP predicts them "
+                                                "(zero-shot), saved to OUT/labels_zeroshot.csv to review and pass "
+                                                "back here."),
+          threshold: float = typer.Option(0.05, "--threshold", help="Zero-shot: keep a class whose softmax "
+                                          "probability over the classes is at least this (the most likely class "
+                                          "is always kept). Lower it when classes are missed, raise it (up to 1: "
+                                          "one label per image) when extra ones appear."),
+          model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
+          template: Optional[List[str]] = TemplateOpt, templates: Optional[Path] = TemplatesFileOpt,
+          background: str = typer.Option("none", "--background", "-b", help="Background words for the CAMs: none, "
+                                         "voc, coco or a word file."),
+          conf: float = typer.Option(0.95, "--conf", help="Mask confidence: pixels below it become 255 (unsure)."),
+          max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels); 0 = no cap."),
+          workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Refine processes (default: all "
+                                                "cores)."),
+          device: str = DeviceOpt) -> None:
+    """Label a folder of images in one command: labels (yours, or CLIP's zero-shot guess), CAMs, refined masks,
+    exported as PNGs and one COCO file."""
+    from clip_es.label import LabelConfig, label_folder
+
+    cfg = LabelConfig(images=str(images), out=str(out), classes=classes,
+                      class_file=str(class_file) if class_file else None, labels=str(labels) if labels else None,
+                      threshold=threshold, model=model, pretrained=pretrained,
+                      templates=_templates(template, templates), background=background, conf=conf,
+                      max_side=max_side or None, workers=workers, device=device)
+    res = label_folder(cfg)
+    typer.echo(res.summary())
+    if not res.ok:
+        raise typer.Exit(1)
+
+
 # ----------------------------------------------------------------------------- show
 @app.command()
 def show(run: Path = typer.Option(..., "--run", help="Run folder (cam stage needed; refine and GT shown if there)."),
@@ -278,7 +319,8 @@ def show(run: Path = typer.Option(..., "--run", help="Run folder (cam stage need
                                                                           "--n K: K images starting there."),
          n: int = typer.Option(1, "--n", help="Number of images (a contact sheet, one row per image)."),
          tile: int = typer.Option(200, "--tile", help="Tile width in pixels (height is 4/5 of it).")) -> None:
-    """Picture of image, ground truth, pseudo mask, CRF and each class's CAM and CAA heatmaps, with a legend."""
+    """Picture of image, ground truth, pseudo mask, CRF, the trained segmenter's prediction and each class's CAM
+    and CAA heatmaps, with a legend."""
     from clip_es.visualize import show_run
 
     typer.echo(f"wrote {show_run(run, out, ids=list(image_id) if image_id else None, n=n, tile=tile)}")
@@ -368,7 +410,9 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                                          "on a downscaled copy (bounds memory); 0 = always native size."),
             clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
-                                                          "file.")) -> None:
+                                                          "file."),
+            overlay: bool = typer.Option(False, "--overlay", help="Also write OUT/<id>.overlay.jpg: the image with "
+                                         "the predicted classes' colours blended over it.")) -> None:
     """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
     OUT/classes.txt). Resumable."""
     from clip_es.train.segment import SegmentConfig, segment as run_segment
@@ -376,7 +420,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
     cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
-                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None)
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,
+                        overlay=overlay)
     _finish_stage(run_segment(cfg))
 
 

@@ -6,6 +6,10 @@
   ``category_ids``: COCO ids for COCO, ``1..K`` otherwise). Ignored pixels (255) belong to
   no annotation; background is not exported. Each annotation carries a ``score``: the
   mean confidence over its region when the run saved confidence maps, else 1.0.
+  Image entries: ``file_name`` is the image's real file name with its extension
+  (``chien café.jpg``, ``000000000089.jpg``); ``id`` is an integer, COCO's own id for
+  COCO runs and ``1..N`` in dataset order otherwise; ``source_id`` is the run's image id
+  (the file stem, the name of its mask PNG), an extra field COCO readers ignore.
 * ``png``: the palette PNGs (VOC palette, ``k + 1`` = class ``k``, 255 = ignore) copied to
   a folder, with ``classes.txt`` (one class name per line; line ``n`` is label id ``n``,
   so it is also a valid ``--class-file``).
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from clip_es.errors import ConfigError, RunDirError
+from clip_es.errors import ClipEsError, ConfigError, RunDirError
 from clip_es.refine.crf import IGNORE
 from clip_es.refine.store import CONF, MASKS, STAGE, output_ids, output_path, read_output
 from clip_es.rundir import RunDir, atomic_write_bytes
@@ -61,15 +65,36 @@ def _run_info(run: RunDir) -> tuple[list[str], list[int], list[str]]:
     return list(classes), [int(c) for c in cat_ids], ids
 
 
-def _source_image_ids(run: RunDir, ids: list[str]) -> dict[str, Any]:
-    """Image id to write per mask: the integer COCO id for COCO runs, the file stem otherwise."""
-    kind = (run.read_manifest().get("dataset") or {}).get("kind")
-    if kind != "coco":
-        return {i: i for i in ids}
+def _image_entries(run: RunDir, ids: list[str]) -> dict[str, tuple[int, str]]:
+    """``id -> (integer COCO image id, file name with extension)`` for every mask id.
+
+    COCO runs keep COCO's ids and file names. Other runs number the images ``1..N`` in
+    the dataset's order (so the numbers are the same each time a run is exported) and
+    take the file name from the dataset; when the dataset cannot be reopened (moved or
+    deleted since the run) the file name falls back to the id with a warning.
+    """
     from clip_es.data.registry import dataset_of_run
 
-    ds = dataset_of_run(run)
-    return {i: int(ds._coco_id(i)) for i in ids}
+    kind = (run.read_manifest().get("dataset") or {}).get("kind")
+    try:
+        ds = dataset_of_run(run)
+        order = {i: n for n, i in enumerate(ds.ids())}
+    except ClipEsError as e:
+        if kind == "coco":
+            raise
+        log.warning("the run's dataset cannot be reopened (%s); file_name is the image id without extension", e)
+        return {i: (n, i) for n, i in enumerate(ids, 1)}
+    if kind == "coco":
+        return {i: (int(ds._coco_id(i)), ds.image_path(i).name) for i in ids}
+    ranked = sorted(ids, key=lambda i: (order.get(i, len(order)), i))
+    return {i: (n, _file_name(ds, i)) for n, i in enumerate(ranked, 1)}
+
+
+def _file_name(ds, image_id: str) -> str:
+    try:
+        return ds.image_path(image_id).name
+    except ClipEsError:  # no longer in the split: the id is all there is
+        return image_id
 
 
 def mask_to_annotations(mask: np.ndarray, category_ids: list[int], conf: np.ndarray | None = None
@@ -111,15 +136,17 @@ def export_coco(run: str | Path, out: str | Path, progress: bool = True) -> Expo
     """
     rd = RunDir(run)
     classes, cat_ids, ids = _run_info(rd)
-    image_ids = _source_image_ids(rd, ids)
+    entries = _image_entries(rd, ids)
     images, anns = [], []
-    for image_id in tqdm(ids, desc="export coco", unit="img", disable=not progress):
+    for image_id in tqdm(sorted(ids, key=lambda i: entries[i][0]), desc="export coco", unit="img",
+                         disable=not progress):
         mask = read_output(output_path(rd, MASKS, image_id))
         conf_path = output_path(rd, CONF, image_id)
         conf = read_output(conf_path) if conf_path.is_file() else None
         h, w = mask.shape
-        src = image_ids[image_id]
-        images.append({"id": src, "file_name": image_id, "width": int(w), "height": int(h)})
+        src, file_name = entries[image_id]
+        images.append({"id": src, "file_name": file_name, "width": int(w), "height": int(h),
+                       "source_id": image_id})
         for a in mask_to_annotations(mask, cat_ids, conf):
             anns.append({"id": len(anns) + 1, "image_id": src, **a})
     doc = {"info": {"description": f"clipes pseudo masks of {rd.path.resolve()}", "ignore_label": IGNORE},

@@ -2,14 +2,16 @@
 
 One row per image, every tile the same size (the image letterboxed into it)::
 
-    image | ground truth | pseudo mask | CRF | CAM c1 | CAA c1 | CAM c2 | CAA c2 | ...
+    image | ground truth | pseudo mask | CRF | segmenter | CAM c1 | CAA c1 | CAM c2 | CAA c2 | ...
 
 Tiles are labelled above; masks are drawn in vivid display colours (:func:`display_palette`,
 not the VOC colours of the PNG files, whose dark and grey entries vanish on a photo) over a
 dimmed grey copy of the image with region outlines, ignored pixels (255) hatched; CAM/CAA heatmaps use the
 jet colour map over the image. A legend at the bottom gives the colour of every class
-that appears in the sheet, the ignore colour and the heatmap scale. Tiles whose stage
-is absent (no ground truth, no refine run yet) are left out of the row.
+that appears in the sheet, the ignore colour and the heatmap scale. A column appears when
+at least one image of the sheet has it (ground truth, a refine run, a trained
+``segmenter`` whose predictions are computed for the shown images); a row that lacks it
+gets an empty tile saying so, so every column stays aligned.
 
 The pure part is :func:`render_rows` (arrays in, ``(H, W, 3)`` uint8 RGB out);
 :func:`show_run` reads the run folder and writes the PNG.
@@ -25,6 +27,7 @@ import cv2
 import numpy as np
 
 from clip_es.cam.store import load_cam
+from clip_es.draw import _lab, display_palette, heatmap_overlay, mask_overlay, PALETTE  # noqa: F401 (re-exported)
 from clip_es.errors import ClipEsError, ConfigError, RunDirError
 from clip_es.refine.crf import IGNORE
 from clip_es.refine.store import CRF, MASKS, output_path, read_output
@@ -42,45 +45,19 @@ _TEXT = (235, 235, 235)
 _DIM_TEXT = (160, 160, 170)
 
 
-#: Hand-picked, mutually distinct colours for the first label ids (after the well-known
-#: "20 distinct colours" list, dark entries dropped or lightened).
-_DISTINCT = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (170, 80, 230),
-             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 170, 170), (220, 190, 255),
-             (190, 130, 60), (255, 250, 200), (170, 255, 195), (255, 215, 180))
-
-
-def display_palette() -> np.ndarray:
-    """``(256, 3)`` uint8 RGB colours for drawing labels: vivid and well separated.
-
-    The VOC palette of the PNG files has dark and grey entries (class 8 dark red, class 7
-    grey) that vanish on a photo, so the picture uses its own colours: a hand-picked
-    distinct set for ids 1-16, then golden-ratio hue steps (id ``k`` gets hue
-    ``k * 0.618``) so every id has a colour. 0 is black (not drawn), 255 white (ignore).
-    """
-    pal = np.zeros((256, 3), np.uint8)
-    for k in range(1, 255):
-        if k <= len(_DISTINCT):
-            pal[k] = _DISTINCT[k - 1]
-            continue
-        hue = (0.05 + k * 0.6180339887) % 1.0
-        sat = 0.85 if k % 3 else 0.6
-        val = 1.0 if k % 2 else 0.85
-        hsv = np.array([[[hue * 180, sat * 255, val * 255]]], np.float32).astype(np.uint8)
-        pal[k] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]
-    pal[255] = (255, 255, 255)
-    return pal
-
-
-_PALETTE = display_palette()
 
 
 @dataclass
 class Tile:
-    """One labelled panel: ``(H, W, 3)`` uint8 RGB image and a caption (with an optional colour swatch)."""
+    """One labelled panel: ``(H, W, 3)`` uint8 RGB image and a caption (with an optional colour swatch).
 
-    image: np.ndarray
+    ``image=None`` is an empty tile (a column this row has nothing for); ``note`` is written in it.
+    """
+
+    image: np.ndarray | None
     caption: str
     swatch: tuple[int, int, int] | None = None
+    note: str = ""
 
 
 @dataclass
@@ -94,45 +71,6 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- pure drawing
-def _gray(image: np.ndarray) -> np.ndarray:
-    g = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    return np.repeat((g * 0.45 + 30)[..., None], 3, axis=2)
-
-
-def heatmap_overlay(image: np.ndarray, score: np.ndarray, weight: float = 0.6) -> np.ndarray:
-    """Jet heatmap of ``score`` (``(H, W)`` in [0, 1]) blended over ``image`` (``(H, W, 3)`` uint8)."""
-    s = np.rint(np.clip(score, 0.0, 1.0) * 255).astype(np.uint8)
-    heat = cv2.applyColorMap(s, cv2.COLORMAP_JET)[..., ::-1].astype(np.float32)
-    out = (1 - weight) * image.astype(np.float32) + weight * heat
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def mask_overlay(image: np.ndarray, mask: np.ndarray, weight: float = 0.65) -> np.ndarray:
-    """Label map in the VOC palette over a dimmed grey ``image``; outlines; 255 hatched.
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB.
-        mask: ``(H, W)`` uint8 label ids (0 background, 255 ignore).
-    """
-    base = _gray(image)
-    colours = _PALETTE[mask].astype(np.float32)
-    fg = (mask != 0)[..., None]
-    out = np.where(fg, (1 - weight) * base + weight * colours, base)
-    ign = mask == IGNORE
-    if ign.any():
-        yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
-        stripes = ((xx + yy) // 3) % 2 == 0
-        out[ign & stripes] = (1 - weight) * base[ign & stripes] + weight * np.asarray((255, 255, 255), np.float32)
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    for label in np.unique(mask):
-        if label in (0, IGNORE):
-            continue
-        contours, _ = cv2.findContours((mask == label).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        c = tuple(int(v) for v in np.clip(_PALETTE[label].astype(int) + 70, 0, 255))
-        cv2.drawContours(out, contours, -1, c, 1, cv2.LINE_AA)
-    return out
-
-
 def _fit(image: np.ndarray, w: int, h: int) -> np.ndarray:
     """Letterbox ``image`` into a ``(h, w, 3)`` tile, keeping its aspect ratio."""
     ih, iw = image.shape[:2]
@@ -147,8 +85,17 @@ def _fit(image: np.ndarray, w: int, h: int) -> np.ndarray:
     return tile
 
 
+def ascii_text(text: str) -> str:
+    """``text`` as OpenCV's fonts can draw it (ASCII only): accents dropped (``café`` ->
+    ``cafe``), other characters (``熊``) as ``?``. For captions only; file names are unchanged."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+
+
 def _text_width(text: str, scale: float, thick: int = 1) -> int:
-    return cv2.getTextSize(text, _FONT, scale, thick)[0][0]
+    return cv2.getTextSize(ascii_text(text), _FONT, scale, thick)[0][0]
 
 
 def _clip_text(text: str, width: int, scale: float) -> str:
@@ -160,7 +107,7 @@ def _clip_text(text: str, width: int, scale: float) -> str:
 
 
 def _put(canvas: np.ndarray, text: str, x: int, y: int, scale: float = 0.45, colour=_TEXT, thick: int = 1) -> None:
-    cv2.putText(canvas, text, (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
+    cv2.putText(canvas, ascii_text(text), (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
 
 
 def _swatch(canvas: np.ndarray, x: int, y: int, size: int, colour, hatched: bool = False) -> None:
@@ -193,7 +140,7 @@ def render_rows(rows: list[Row], class_names: list[str], title: str = "", tile_w
 
     # legend entries: classes seen anywhere in the sheet, then ignore and the heat scale
     labels = sorted(set().union(*(r.labels for r in rows)) - {0, IGNORE})
-    entries = [(f"{k} {class_names[k - 1]}" if 0 < k <= len(class_names) else str(k), tuple(_PALETTE[k]), False)
+    entries = [(f"{k} {class_names[k - 1]}" if 0 < k <= len(class_names) else str(k), tuple(PALETTE[k]), False)
                for k in labels]
     entries = [("0 background (grey image)", (95, 95, 95), False)] + entries
     if any(r.has_ignore for r in rows):
@@ -229,7 +176,12 @@ def render_rows(rows: list[Row], class_names: list[str], title: str = "", tile_w
                 tx = x0 + 16
             _put(sheet, _clip_text(t.caption, tile_w - (tx - x0), 0.45), tx, cy, 0.45)
             ty = y0 + row_title_h + cap_h
-            sheet[ty:ty + tile_h, x0:x0 + tile_w] = _fit(t.image, tile_w, tile_h)
+            if t.image is None:  # an aligned empty tile: this row has nothing for the column
+                sheet[ty:ty + tile_h, x0:x0 + tile_w] = _TILE_BG
+                note = _clip_text(t.note, tile_w - 12, 0.42)
+                _put(sheet, note, x0 + (tile_w - _text_width(note, 0.42)) // 2, ty + tile_h // 2, 0.42, _DIM_TEXT)
+            else:
+                sheet[ty:ty + tile_h, x0:x0 + tile_w] = _fit(t.image, tile_w, tile_h)
         y0 += row_h
 
     # legend
@@ -254,34 +206,69 @@ def render_rows(rows: list[Row], class_names: list[str], title: str = "", tile_w
 
 
 # ----------------------------------------------------------------------------- run reading
+#: Mask columns of a row, in order: key, caption, what an empty tile says.
+MASK_COLUMNS = (("gt", "ground truth", "no ground truth"), ("mask", "pseudo mask", "no pseudo mask"),
+                ("crf", "CRF (no ignore)", "no CRF output"), ("seg", "segmenter", "no prediction"))
+
+
 def image_row(image_id: str, image: np.ndarray, keys: np.ndarray, cam: np.ndarray, caa: np.ndarray,
               class_names: list[str], gt: np.ndarray | None = None, mask: np.ndarray | None = None,
-              crf: np.ndarray | None = None) -> Row:
+              crf: np.ndarray | None = None, seg: np.ndarray | None = None,
+              columns: tuple[str, ...] | None = None) -> Row:
     """The tiles of one image (pure: arrays in).
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
         keys: ``(K,)`` 0-based class indices of ``cam``/``caa``.
         cam, caa: ``(K, H, W)`` maps in [0, 1].
-        gt, mask, crf: ``(H, W)`` uint8 label maps, or ``None`` when absent.
+        gt, mask, crf, seg: ``(H, W)`` uint8 label maps (ground truth, pseudo mask, CRF argmax,
+            segmenter prediction), or ``None`` when absent.
+        columns: the mask columns of the sheet (keys of :data:`MASK_COLUMNS`): each one gets a
+            tile, an empty one when this row lacks it, so rows stay aligned. ``None``: the
+            columns this row has.
     """
     names = [class_names[int(k)] for k in keys]
     tiles = [Tile(image, "image")]
     labels: set[int] = {int(k) + 1 for k in keys}
     has_ignore = False
-    for arr, cap in ((gt, "ground truth"), (mask, "pseudo mask"), (crf, "CRF (no ignore)")):
+    arrays = {"gt": gt, "mask": mask, "crf": crf, "seg": seg}
+    for key, cap, empty in MASK_COLUMNS:
+        arr = arrays[key]
+        if columns is not None and key not in columns:
+            continue
         if arr is None:
+            if columns is not None:
+                tiles.append(Tile(None, cap, note=empty))
             continue
         tiles.append(Tile(mask_overlay(image, arr), cap))
         labels |= {int(v) for v in np.unique(arr)}
         has_ignore |= bool((arr == IGNORE).any())
     for k, name, c, a in zip(keys, names, cam, caa):
-        colour = tuple(int(v) for v in _PALETTE[int(k) + 1])
+        colour = tuple(int(v) for v in PALETTE[int(k) + 1])
         tiles.append(Tile(heatmap_overlay(image, c), f"CAM {name}", colour))
         tiles.append(Tile(heatmap_overlay(image, a), f"CAA {name}", colour))
     h, w = image.shape[:2]
     title = f"{image_id}  ({w}x{h})  labels: {', '.join(names) or 'none'}"
     return Row(title, tiles, labels, has_ignore)
+
+
+def _segmenter_of_run(rd: RunDir, class_names: list[str]):
+    """The run's trained ``segmenter`` (``RUN/segmenter/last.pt``) when it predicts the run's
+    classes, else ``None`` (with a log line saying why)."""
+    ckpt = rd.path / "segmenter" / "last.pt"
+    if not ckpt.is_file():
+        return None
+    from clip_es.train.segment import load_segmenter
+
+    try:
+        seg = load_segmenter(ckpt, "cpu")
+    except ClipEsError as e:
+        log.warning("segmenter column left out: %s", e)
+        return None
+    if [c.name for c in seg.classes] != class_names:
+        log.warning("segmenter column left out: %s predicts other classes than the run's", ckpt)
+        return None
+    return seg
 
 
 def _pick_ids(available: list[str], ids: list[str] | None, n: int) -> list[str]:
@@ -335,7 +322,8 @@ def show_run(run: str | Path, out: str | Path, ids: list[str] | None = None, n: 
     if not chosen:
         raise RunDirError(f"{rd.path}: no cam outputs to show; run 'clipes cam --out {rd.path}' first")
     names = [c.name for c in ds.classes]
-    rows = []
+    seg_model = _segmenter_of_run(rd, names)
+    items = []
     for image_id in chosen:
         maps = load_cam(cam_dir / f"{image_id}.npz")
         image = ds.load_image(image_id)
@@ -344,11 +332,18 @@ def show_run(run: str | Path, out: str | Path, ids: list[str] | None = None, n: 
         except ClipEsError as e:
             log.warning("%s: ground truth not shown (%s)", image_id, e)
             gt = None
-        extra = {}
-        for kind in (MASKS, CRF):
+        arrays = {"gt": gt}
+        for key, kind in (("mask", MASKS), ("crf", CRF)):
             p = output_path(rd, kind, image_id)
-            extra[kind] = read_output(p) if p.is_file() else None
-        rows.append(image_row(image_id, image, maps.keys, maps.cam, maps.caa, names, gt, extra[MASKS], extra[CRF]))
+            arrays[key] = read_output(p) if p.is_file() else None
+        if seg_model is not None:
+            from clip_es.train.segment import predict_labels
+
+            arrays["seg"] = predict_labels(seg_model, image)
+        items.append((image_id, image, maps, arrays))
+    columns = tuple(key for key, _, _ in MASK_COLUMNS if any(a.get(key) is not None for *_, a in items))
+    rows = [image_row(image_id, image, maps.keys, maps.cam, maps.caa, names, columns=columns, **arrays)
+            for image_id, image, maps, arrays in items]
     kind = (rd.read_manifest().get("dataset") or {}).get("kind", "")
     title = f"clipes show   run {rd.path.resolve().name}   dataset {kind}/{ds.split}   {len(chosen)} image(s)"
     sheet = render_rows(rows, names, title, tile_w=tile, tile_h=tile * 4 // 5)

@@ -31,7 +31,8 @@ def test_voc_fixture_end_to_end(tmp_path, tiny_clip_path):
     assert len(man["classes"]) == 20 and man["category_ids"] == list(range(1, 21))
     exp = json.loads(Path(export_coco(run, tmp_path / "voc.json", progress=False).path).read_text())
     # image "a" is labelled person + dog: only those classes can appear (ids 15, 12)
-    ids_a = {a["category_id"] for a in exp["annotations"] if a["image_id"] == "a"}
+    (int_a,) = [im["id"] for im in exp["images"] if im["source_id"] == "a"]  # integer ids, source id kept
+    ids_a = {a["category_id"] for a in exp["annotations"] if a["image_id"] == int_a}
     assert ids_a <= {12, 15}
     val = tmp_path / "val"
     _pipeline("voc", root, "val", val, tiny_clip_path)

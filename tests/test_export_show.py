@@ -44,13 +44,15 @@ def test_coco_rles_decode_to_the_png_masks(refined: Path, tmp_path: Path) -> Non
     assert [c["id"] for c in doc["categories"]] == manifest["category_ids"]
     assert [c["name"] for c in doc["categories"]] == manifest["classes"]
     ids = output_ids(refined, MASKS)
-    assert [im["id"] for im in doc["images"]] == ids and res.images == 5
+    assert [im["source_id"] for im in doc["images"]] == ids and res.images == 5
+    assert [im["id"] for im in doc["images"]] == [1, 2, 3, 4, 5]  # integers (COCO readers need them)
+    assert [im["file_name"] for im in doc["images"]] == [f"{i}.jpg" for i in ids]
     assert res.annotations == len(doc["annotations"]) > 0
     assert len({a["id"] for a in doc["annotations"]}) == len(doc["annotations"])
     cat_to_label = {c: k + 1 for k, c in enumerate(manifest["category_ids"])}
     for im in doc["images"]:
-        mask = read_output(output_path(refined, MASKS, im["id"]))
-        conf = read_output(output_path(refined, CONF, im["id"]))
+        mask = read_output(output_path(refined, MASKS, im["source_id"]))
+        conf = read_output(output_path(refined, CONF, im["source_id"]))
         assert (im["height"], im["width"]) == mask.shape
         rebuilt = np.zeros_like(mask)
         anns = [a for a in doc["annotations"] if a["image_id"] == im["id"]]

@@ -10,7 +10,7 @@ Conventions (all readers):
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -19,8 +19,13 @@ import numpy as np
 
 from clip_es.errors import ClassFileError, DatasetError, ImageError
 
-#: Image ids may contain letters, digits and ``._-`` (no separators, no ``..``).
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]*$")
+#: Characters that may never appear in an image id: path separators (both, so a labels
+#: file written on Windows cannot name a sub-folder either).
+_SEPARATORS = ("/", "\\")
+#: Unicode categories refused in ids: control characters (NUL, newline, tab, DEL, C1),
+#: line/paragraph separators (they would split line-based split files) and lone
+#: surrogates (what Python makes of file-name bytes that are not valid UTF-8).
+_BAD_CATEGORIES = ("Cc", "Zl", "Zp", "Cs")
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,50 @@ def validate_gt(mask: np.ndarray, num_classes: int, where: str | Path,
     return mask
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` is not a plain file name, or ``None`` when it is one.
+
+    An image id is the image's file name without its extension, kept exactly as the
+    file spells it (spaces, accents, CJK, ``Photo (1)``...), so every output file
+    ``<id>.png`` maps back to its input. Refused: the empty id, ``.`` and ``..``, any
+    path separator (``/`` or ``\\``), NUL and other control characters, line
+    separators, names that are not valid UTF-8, names starting with ``.`` (hidden
+    files such as macOS's ``._IMG_1.jpg``, and the run folder's ``.tmp-`` files) and
+    names starting or ending with white space (labels files trim their cells).
+    """
+    if not image_id:
+        return "it is empty"
+    if image_id in (".", ".."):
+        return f"{image_id!r} names a folder, not a file"
+    for sep in _SEPARATORS:
+        if sep in image_id:
+            return f"it contains the path separator {sep!r}"
+    for ch in image_id:
+        cat = unicodedata.category(ch)
+        if cat in _BAD_CATEGORIES:
+            what = "bytes that are not valid UTF-8" if cat == "Cs" else f"the control character U+{ord(ch):04X}"
+            return f"it contains {what}"
+    if image_id.startswith("."):
+        return "it starts with '.' (a hidden file)"
+    if image_id != image_id.strip():
+        return "it starts or ends with white space (labels files trim cells, so it could not be named there)"
+    return None
+
+
 def check_id(image_id: str, where: str) -> str:
-    """Refuse ids that could escape a folder (``../x``, ``/abs``, ``a/b``) or are empty."""
-    if not _SAFE_ID.match(image_id) or ".." in image_id:
-        raise DatasetError(f"{where}: image id {image_id!r} is not a plain file name "
-                           "(letters, digits, '._-'; no '/', no '..'); rename the file or fix the list")
+    """``image_id`` itself if it is a plain file name (see :func:`id_problem`).
+
+    This is what keeps every reader inside its dataset folder: ``../x``, ``/abs`` and
+    ``a/b`` are refused, so no list or labels file can point outside it.
+
+    Raises:
+        DatasetError: the id is not a plain file name (the message says why and where).
+    """
+    problem = id_problem(image_id) if isinstance(image_id, str) else "it is not a string"
+    if problem is not None:
+        raise DatasetError(f"{where}: image id {image_id!r} is not a plain file name: {problem}; "
+                           "an id is a file name without its extension (no '/', no control characters, "
+                           "not '.', '..' or hidden); rename the file or fix the list")
     return image_id
 
 

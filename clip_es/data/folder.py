@@ -17,8 +17,11 @@ Labels files:
 
 Labels are class **names** as written first on a class-file line; synonyms are prompt
 words only and are not accepted as labels (so a label always names exactly one class).
-Every id must be a plain file name (letters, digits, ``._-``; no ``/``, no ``..``), so
-nothing outside ROOT's image and mask folders is ever read. Errors name the labels
+Every id must be a plain file name (any characters a file name may hold, spaces and
+non-ASCII letters included; no ``/`` or ``\\``, not ``.``/``..``, no control characters,
+not hidden; see :func:`~clip_es.data.base.id_problem`), so nothing outside ROOT's image
+and mask folders is ever read. An image whose name starts with ``#`` is written quoted in
+a CSV (``"#1.jpg",cat``); an unquoted ``#`` starts a comment row. Errors name the labels
 file and the CSV line or JSON id.
 """
 
@@ -28,12 +31,13 @@ import csv
 import difflib
 import json
 import logging
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from clip_es.data.base import ClassSpec, check_id, read_class_file
+from clip_es.data.base import ClassSpec, check_id, id_problem, read_class_file
 from clip_es.data.image_io import read_gt, read_image
 from clip_es.errors import ClassFileError, DatasetError, LabelError
 
@@ -53,6 +57,54 @@ def split_image_name(name: str) -> tuple[str, str | None]:
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)], name[-len(ext):]
     return name, None
+
+
+def printable_name(name: str) -> str:
+    """``name`` safe to print or store as JSON text (undecodable file-name bytes as ``\\xNN``)."""
+    import os
+
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def scan_images(folder: str | Path) -> tuple[list[tuple[str, Path]], dict[str, str]]:
+    """The images directly in ``folder``: ``([(id, path)], {file name: why it was left out}``.
+
+    An image is a file with one of :data:`IMAGE_EXTS` (any case); its id is the name
+    without the extension, kept exactly (``chien café.jpg`` -> ``chien café``). Sorted by
+    file name. Hidden files (``.name``, e.g. macOS's ``._IMG_1.jpg``) and sub-folders are
+    not looked at. A name that is not a valid id (a control character, bytes that are not
+    UTF-8) or whose id another image already has (``a.jpg`` and ``a.png``: the first in
+    name order keeps it) is left out with the reason, so one odd file never stops the folder.
+
+    Raises:
+        DatasetError: ``folder`` is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder; pass a folder of images ({', '.join(IMAGE_EXTS)})")
+    found: dict[str, Path] = {}
+    refused: dict[str, str] = {}
+    for p in sorted(folder.iterdir(), key=lambda q: q.name):
+        name = p.name
+        if name.startswith(".") or not p.is_file():
+            continue
+        image_id, ext = split_image_name(name)
+        if ext is None:
+            continue
+        shown = printable_name(name)
+        problem = id_problem(image_id)
+        if problem is not None:
+            refused[shown] = f"{folder / shown}: left out, its name is not a usable image id: {problem}; rename it"
+        elif image_id in found:
+            refused[shown] = (f"{folder / shown}: left out, image {found[image_id].name} has the same id "
+                              f"{image_id!r} (ids are names without the extension); rename one of them")
+        else:
+            found[image_id] = p
+    return list(found.items()), refused
 
 
 class _Pairs(list):
@@ -158,14 +210,15 @@ class FolderDataset:
         p = self.labels_file
         out: dict[str, tuple[tuple[int, ...], str | None]] = {}
         first_line: dict[str, int] = {}
-        reader = csv.reader(text.splitlines(), strict=True, skipinitialspace=True)
+        lines = ["" if ln.lstrip().startswith("#") else ln for ln in text.splitlines()]  # comments: unquoted '#'
+        reader = csv.reader(lines, strict=True, skipinitialspace=True)
         first = True
         n = 0
         try:
             for row in reader:
                 n = reader.line_num
                 cells = [c.strip() for c in row]
-                if not cells or not any(cells) or cells[0].startswith("#"):
+                if not cells or not any(cells):
                     continue
                 if first and cells[0].lower() == "image":
                     first = False
@@ -231,10 +284,11 @@ class FolderDataset:
         :data:`IMAGE_EXTS` (lower or upper case) that exists; the ``.jpg`` path if none does."""
         _, ext = self._entry(image_id)
         exts = ([ext] if ext else []) + [e for x in IMAGE_EXTS for e in (x, x.upper())]
-        for e in exts:
-            p = self.image_dir / f"{image_id}{e}"
-            if p.is_file():
-                return p
+        for stem in _spellings(image_id):
+            for e in exts:
+                p = self.image_dir / f"{stem}{e}"
+                if p.is_file():
+                    return p
         return self.image_dir / f"{image_id}{ext or '.jpg'}"
 
     def labels(self, image_id: str) -> tuple[int, ...]:
@@ -247,8 +301,12 @@ class FolderDataset:
 
     def gt_path(self, image_id: str) -> Path | None:
         """``ROOT/masks/<id>.png`` if it exists, else ``None``."""
-        p = self.mask_dir / f"{check_id(image_id, str(self.root))}.png"
-        return p if p.is_file() else None
+        check_id(image_id, str(self.root))
+        for stem in _spellings(image_id):
+            p = self.mask_dir / f"{stem}.png"
+            if p.is_file():
+                return p
+        return None
 
     def load_gt(self, image_id: str) -> np.ndarray | None:
         """``(H, W)`` uint8 mask from ``ROOT/masks/<id>.png``, or ``None`` without one.
@@ -260,3 +318,15 @@ class FolderDataset:
         if p is None:
             return None
         return read_gt(p, len(self.classes), self.image_path(image_id))
+
+
+def _spellings(image_id: str) -> list[str]:
+    """``image_id`` and its other Unicode normal forms: a labels file typed with composed
+    accents (``café``, NFC) still finds a file whose name was stored decomposed (NFD, as
+    macOS writes names), and the other way round."""
+    out = [image_id]
+    for form in ("NFC", "NFD"):
+        alt = unicodedata.normalize(form, image_id)
+        if alt not in out:
+            out.append(alt)
+    return out

@@ -69,7 +69,10 @@ class VOCDataset:
             raise DatasetError(f"split file {p} not found; available splits: {', '.join(avail) or 'none'}")
         ids, seen = [], set()
         for n, line in enumerate(p.read_text().splitlines(), 1):
-            s = line.strip().split()[0] if line.strip() else ""
+            s = line.strip()
+            if s and len(s.split()) > 1 and not any((self.root / "JPEGImages" / f"{s}{e}").is_file()
+                                                  for e in (".jpg", ".jpeg", ".png", ".JPG")):
+                s = s.split()[0]  # 'id 1' lines (VOC's Main lists); an id with spaces is kept when its image exists
             if not s:
                 continue
             check_id(s, f"{p}:{n}")

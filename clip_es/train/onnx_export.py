@@ -3,8 +3,9 @@
 The graph:
 
 * input ``image``: ``(1, 3, H, W)`` float32 RGB in [0, 1] (normalisation is inside);
-  ``H`` and ``W`` are dynamic. Any size works; multiples of 32 give exactly what
-  ``clipes segment`` computes (it pads to a multiple of 32 and crops back);
+  ``H`` and ``W`` are dynamic. Any size works and gives what ``clipes segment``
+  computes: the graph pads the input to multiples of 32 with the normalisation mean and
+  crops the logits back, by the same rule (:func:`~clip_es.train.segment.pad_to_stride`);
 * output ``logits``: ``(1, K+1, H, W)`` float32; channel 0 = background, ``k + 1`` =
   class ``k``; the label map is ``argmax`` over channels.
 
@@ -26,10 +27,23 @@ import torch
 from clip_es.data.base import ClassSpec
 from clip_es.errors import ClipEsError, ConfigError, first_line
 from clip_es.train.model import BoundSegmenter
-from clip_es.train.segment import load_segmenter
+from clip_es.train.segment import load_segmenter, pad_to_stride
 from clip_es.train.text import specs_to_lists
 
 log = logging.getLogger(__name__)
+
+
+class PaddedSegmenter(torch.nn.Module):
+    """``forward(x) -> (B, K+1, H, W)`` for any ``H, W``: pad with :func:`pad_to_stride`,
+    run the bound segmenter, crop back (what :func:`~clip_es.train.segment.predict_logits` does)."""
+
+    def __init__(self, bound: BoundSegmenter):
+        super().__init__()
+        self.bound = bound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2], x.shape[-1]
+        return self.bound(pad_to_stride(x, self.bound.model.mean))[:, :, :H, :W]
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, classes: Sequence[ClassSpec] | None = None,
@@ -51,7 +65,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, classes: Sequence[Class
     if height < 32 or width < 32:
         raise ConfigError(f"example size must be at least 32x32, got {height}x{width}")
     seg = load_segmenter(checkpoint, "cpu").with_classes(classes, clip_model, clip_pretrained)
-    bound = BoundSegmenter(seg.model, seg.text).eval()
+    bound = PaddedSegmenter(BoundSegmenter(seg.model, seg.text)).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(1, 3, height, width)

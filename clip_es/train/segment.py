@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip_es.data.base import ClassSpec, check_id, read_class_file
+from clip_es.data.base import ClassSpec, read_class_file
 from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
@@ -108,15 +108,25 @@ def parse_classes(classes: str | None = None, class_file: str | Path | None = No
     return None
 
 
+def pad_to_stride(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The one padding rule of inference: ``(B, 3, H, W)`` RGB in [0, 1] padded at the bottom
+    and right to multiples of :data:`STRIDE` with the normalisation ``mean`` (zero after
+    normalising, as training pads). :func:`predict_logits` and the ONNX graph
+    (:mod:`clip_es.train.onnx_export`) both use it, so they agree at every size. Traceable:
+    the pad amounts follow the input's dynamic height and width in an exported graph."""
+    H, W = x.shape[-2], x.shape[-1]
+    ph, pw = (STRIDE - H % STRIDE) % STRIDE, (STRIDE - W % STRIDE) % STRIDE
+    mean = mean.to(x.dtype)
+    return F.pad(x - mean, (0, pw, 0, ph)) + mean
+
+
 @torch.no_grad()
 def predict_logits(seg: LoadedSegmenter, image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 RGB -> ``(K+1, H, W)`` float logits (input padded to a multiple of 32)."""
+    """``(H, W, 3)`` uint8 RGB -> ``(K+1, H, W)`` float logits (input padded by :func:`pad_to_stride`)."""
     H, W = image.shape[:2]
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(seg.device).permute(2, 0, 1)[None].float() / 255
-    ph, pw = (-H) % STRIDE, (-W) % STRIDE
-    if ph or pw:  # pad with the normalisation mean (zero after normalising), as training pads
-        mean = seg.model.mean.to(x.dtype)
-        x = F.pad(x - mean, (0, pw, 0, ph)) + mean
+    if H % STRIDE or W % STRIDE:
+        x = pad_to_stride(x, seg.model.mean)
     return seg.model(x, seg.text)[0, :, :H, :W]
 
 
@@ -148,6 +158,9 @@ class SegmentConfig:
         limit: only the first ``limit`` images.
         clip_model, clip_pretrained: CLIP override for embedding new class names.
         max_side: images with a longer side above it are predicted downscaled (``None``: never).
+        overlay: also write ``OUT/<id>.overlay.jpg``: the image with the predicted label
+            colours blended over it and region outlines (display colours, see
+            :func:`~clip_es.draw.display_palette`; the PNG masks keep the VOC palette).
     """
 
     checkpoint: str
@@ -163,6 +176,7 @@ class SegmentConfig:
     clip_model: str | None = None
     clip_pretrained: str | None = None
     max_side: int | None = MAX_SIDE
+    overlay: bool = False
 
     def validate(self) -> "SegmentConfig":
         if (self.images is None) == (self.dataset is None):
@@ -177,25 +191,31 @@ class SegmentConfig:
 
 
 def folder_images(folder: str | Path) -> list[tuple[str, Path]]:
-    """``(id, path)`` of the images directly in ``folder`` (sorted; ids must be unique)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"--images {folder} is not a folder")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            check_id(p.stem, str(folder))
-            if p.stem in out:
-                raise DatasetError(f"{folder}: two images share the id {p.stem!r} ({out[p.stem].name}, {p.name})")
-            out[p.stem] = p
-    if not out:
-        raise DatasetError(f"--images {folder} holds no images ({', '.join(IMAGE_EXTS)})")
-    return list(out.items())
+    """``(id, path)`` of the images directly in ``folder`` (sorted by name; see
+    :func:`~clip_es.data.folder.scan_images`, which also says which files were left out)."""
+    from clip_es.data.folder import scan_images
+
+    found, _ = scan_images(folder)
+    return found
+
+
+def _folder_checked(folder: str | Path) -> tuple[list[tuple[str, Path]], dict[str, str]]:
+    """:func:`scan_images` for ``--images``: refused only when no image at all is usable."""
+    from clip_es.data.folder import scan_images
+
+    try:
+        found, refused = scan_images(folder)
+    except DatasetError as e:
+        raise DatasetError(f"--images {folder} is not a folder") from e
+    if not found:
+        why = f"; left out: {'; '.join(list(refused.values())[:3])}" if refused else ""
+        raise DatasetError(f"--images {folder} holds no images ({', '.join(IMAGE_EXTS)}){why}")
+    return found, refused
 
 
 def _sources(cfg: SegmentConfig) -> Iterator[tuple[str, Any]]:
     if cfg.images is not None:
-        for image_id, path in folder_images(cfg.images)[: cfg.limit]:
+        for image_id, path in _folder_checked(cfg.images)[0][: cfg.limit]:
             yield image_id, (lambda p=path: read_image(p))
         return
     from clip_es.data.registry import open_dataset
@@ -229,22 +249,54 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     atomic_write_json(meta, record)
     atomic_write_bytes(out / "classes.txt", "".join(", ".join(c) + "\n" for c in record["classes"]).encode())
     res = StageResult("segment", str(out))
+    if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
+        for name, reason in _folder_checked(cfg.images)[1].items():
+            res.failed[name] = reason
+            log.warning("%s", reason)
     for image_id, load in tqdm(list(_sources(cfg)), desc="segment", unit="img", disable=not progress):
         target = out / f"{image_id}.png"
-        if target.is_file():
+        overlay = out / f"{image_id}{OVERLAY_SUFFIX}"
+        if target.is_file() and (not cfg.overlay or overlay.is_file()):
             res.skipped += 1
             continue
         try:
-            pred = predict_labels(seg, load(), cfg.max_side)
+            image = load()
+            if target.is_file():  # an earlier run without --overlay: draw the saved prediction
+                from clip_es.data.image_io import read_mask
+
+                pred, fresh = read_mask(target), False
+            else:
+                pred, fresh = predict_labels(seg, image, cfg.max_side), True
         except ImageError as e:
             res.failed[image_id] = str(e)
             log.warning("%s", e)
             continue
-        atomic_write_bytes(target, mask_to_png_bytes(pred))
-        res.done += 1
+        if cfg.overlay:
+            atomic_write_bytes(overlay, overlay_jpeg(image, pred))
+        if fresh:
+            atomic_write_bytes(target, mask_to_png_bytes(pred))
+            res.done += 1
+        else:
+            res.skipped += 1
     if res.failed:
         atomic_write_json(out / "failed.json", res.failed)
     return res
+
+
+#: File name ending of ``--overlay`` pictures: ``OUT/<id>.overlay.jpg`` next to ``OUT/<id>.png``.
+OVERLAY_SUFFIX = ".overlay.jpg"
+
+
+def overlay_jpeg(image: np.ndarray, labels: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of ``image`` (``(H, W, 3)`` uint8 RGB) with ``labels`` blended over it in
+    the display colours, region outlines drawn."""
+    from clip_es.draw import mask_overlay
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(mask_overlay(image, labels, 0.5, grey=False)[..., ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 3-channel array
+        raise ImageError(f"could not encode an overlay of {image.shape[1]}x{image.shape[0]}")
+    return buf.tobytes()
 
 
 def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto",
