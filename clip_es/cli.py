@@ -20,9 +20,11 @@ from clip_es.errors import ClipEsError
 app = typer.Typer(
     help="CLIP-ES: pixel-accurate pseudo segmentation masks from image-level labels with a frozen CLIP, "
          "and a small segmenter trained on them. Stages cache to a run folder; re-running resumes.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+# rich_markup_mode=None: click's plain help layout (flags shown as flags, no "<bool>" metavar, on every
+# typer version); help strings are plain text, so brackets in them are printed as written.
 toy_app = typer.Typer(help="The procedural toy world (exact ground truth, for testing the pipeline).",
-                      no_args_is_help=True)
+                      no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(toy_app, name="toy")
 
 _STATE = {"debug": False}
@@ -44,15 +46,72 @@ TemplatesFileOpt = typer.Option(None, "--templates", help="File with one templat
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records to stderr through ``tqdm.write``: a warning printed while a progress bar is drawn
+    gets a line of its own (the bar is cleared and redrawn below it) instead of sharing the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool, log_file: Optional[Path] = None) -> None:
+    """Console logging (tqdm-safe) at WARNING, INFO with ``--verbose``; ``--log-file`` gets INFO and up,
+    with times, whatever the console level."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_clipes", False)]:
+        root.removeHandler(h)
+        h.close()
+    console = _TqdmHandler(level=logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as e:
+            raise ClipEsError(f"--log-file {log_file}: cannot open it for writing ({e.strerror or e}); "
+                              "choose a writable path") from None
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s " + _LOG_FORMAT))
+        handlers.append(fh)
+    for h in handlers:
+        h._clipes = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(min(h.level for h in handlers))
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("clip_es")
+    except md.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipes {_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+          log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log (INFO and up, "
+                                                  "with times) to this file, appending."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     _STATE["debug"] = debug
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_file)
 
 
 def _templates(template: Optional[List[str]], templates_file: Optional[Path]) -> tuple[str, ...]:
@@ -407,36 +466,89 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: run the app, map library errors to one line + exit code."""
+INTERRUPTED = "interrupted; re-run the same command to resume"
+PROG = "clipes"
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """A click usage/parameter error, from whichever click runs the parser.
+
+    typer 0.29+ bundles its own copy of click (``typer._click``), so ``isinstance`` against
+    the separate ``click`` package no longer matches; every click copy's ``ClickException``
+    has an integer ``exit_code`` and a ``show()`` that prints the usual usage paragraph.
+    """
+    return isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "show", None))
+
+
+def _invoke(argv: Optional[List[str]]) -> int:
+    """Parse ``argv`` and run the command through click's public API (``make_context`` + ``invoke``).
+
+    Not ``app(...)``/``main(...)``: those differ between typer versions in what they do with
+    usage errors (print or raise) and Ctrl-C (typer 0.29 turns ``KeyboardInterrupt`` into a silent
+    exit 130). Here every exception reaches :func:`main` as raised. Returns the exit code of a
+    ``typer.Exit``/``click.exceptions.Exit`` (``--help``, ``--version``, ``_finish_stage``), else 0.
+    """
+    cmd = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rc = app(args=argv, standalone_mode=False)  # non-standalone click returns Exit codes
+        with cmd.make_context(PROG, args) as ctx:
+            cmd.invoke(ctx)
+    except Exception as e:
+        # click's and typer's ``Exit`` (several classes across versions): an exit code, no message
+        code = getattr(e, "exit_code", None)
+        if type(e).__name__ == "Exit" and isinstance(code, int):
+            return code
+        if _is_usage_error(e) and hasattr(e, "ctx") and e.ctx is None:
+            _attach_context(e, cmd, args)
+        raise
+    return 0
+
+
+def _attach_context(e: Exception, cmd, args: List[str]) -> None:
+    """Give a usage error raised without a context (typer 0.29's parser does so for ``--opt`` missing
+    its value) the context of the command ``args`` name, so ``show()`` prints the usage paragraph."""
+    ctx = cmd.context_class(cmd, info_name=PROG)
+    for a in args:
+        sub = getattr(ctx.command, "commands", {}).get(a)
+        if sub is None:
+            if not a.startswith("-"):
+                break
+            continue
+        ctx = sub.context_class(sub, info_name=a, parent=ctx)
+    e.ctx = ctx  # type: ignore[attr-defined]
+    e.cmd = ctx.command  # type: ignore[attr-defined]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: run the app, map errors to one message + exit code.
+
+    Exit codes: 0 ok; 1 some images failed; 2 bad input or options (a usage error prints click's
+    usual usage paragraph); 130 interrupted (Ctrl-C).
+    """
+    try:
+        rc = _invoke(argv)
     except ClipEsError as e:
         if _STATE["debug"]:
             raise
         typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        sys.exit(130)
     except OSError as e:  # a file problem the library did not foresee: still one line, not a traceback
         if _STATE["debug"]:
             raise
         typer.echo(f"error: {_one_line(e)} (--debug shows the traceback)", err=True)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:
+        if _is_usage_error(e):  # missing/unknown option, bad value, unknown command
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        if type(e).__name__ == "Abort":  # click's/typer's Abort: EOF at a prompt
+            typer.echo("aborted", err=True)
+            sys.exit(130)
         raise
-    if isinstance(rc, int) and rc:
+    if rc:
         sys.exit(rc)
 
 
