@@ -239,10 +239,18 @@ def _run_chunk(job: _Job, items: list[tuple[str, str]]) -> list[tuple[str, str, 
 
 
 def _init_worker() -> None:
-    """Pool worker start-up: one OpenCV thread per process (parallelism comes from the pool)."""
+    """Pool worker start-up: one OpenCV thread per process (parallelism comes from the pool).
+
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main process alone
+    handles it (cancels the pending chunks, lets running ones finish their atomic writes, and
+    the CLI prints one "interrupted" line) instead of every worker printing a traceback.
+    """
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _mp_context():
