@@ -104,3 +104,27 @@ def test_ctrl_c_during_refine_with_workers_is_one_line(cam_run, tmp_path):
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.rstrip().splitlines()[-1] == INTERRUPTED
     assert not list(run.rglob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- item 7: missing checkpoint path
+@pytest.mark.parametrize("model", ["/path/missing.pt", "missing.safetensors", "ckpts/clip"])
+def test_missing_checkpoint_path_says_file_does_not_exist(toy_root, tmp_path, capsys, model):
+    from clip_es.errors import WeightsError
+    from clip_es.model.resolve import load_clip
+
+    with pytest.raises(WeightsError, match="checkpoint file does not exist"):
+        load_clip(model)
+    assert run_cli(["cam", "-d", "toy", "-r", str(toy_root), "-o", str(tmp_path / "run"), "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint file does not exist" in err and "unknown model" not in err and model in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_folder_and_unknown_name(tmp_path):
+    from clip_es.errors import RegistryError, WeightsError
+    from clip_es.model.resolve import load_clip
+
+    with pytest.raises(WeightsError, match="is a folder"):
+        load_clip(str(tmp_path))
+    with pytest.raises(RegistryError, match="unknown model 'ViT-B-17'"):
+        load_clip("ViT-B-17")
