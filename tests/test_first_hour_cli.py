@@ -128,3 +128,76 @@ def test_model_folder_and_unknown_name(tmp_path):
         load_clip(str(tmp_path))
     with pytest.raises(RegistryError, match="unknown model 'ViT-B-17'"):
         load_clip("ViT-B-17")
+
+
+# ----------------------------------------------------------------------------- item 11: refusals before the model load
+def _cam_cfg(root, out, clip_path, **kw):
+    from clip_es.cam.run import CamConfig
+
+    return CamConfig(dataset="toy", root=str(root), split="train", out=str(out), model=str(clip_path),
+                     templates=(TEMPLATE,), device="cpu", **kw)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Make loading a CLIP in the cam stage fail loudly: a refusal must come before it."""
+    import clip_es.cam.run as cam_run
+
+    def load_clip(*a, **kw):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(cam_run, "load_clip", load_clip)
+
+
+def test_changed_options_refused_before_model_load(toy_root, tmp_path, tiny_clip, tiny_clip_path, no_model_load):
+    from clip_es.cam.run import generate_cams
+    from clip_es.errors import RunDirError
+
+    out = tmp_path / "run"
+    assert generate_cams(_cam_cfg(toy_root, out, tiny_clip_path, limit=2), clip=tiny_clip, progress=False).ok
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(RunDirError, match=r"other parameters \(changed: caa_threshold\).*--force"):
+        generate_cams(_cam_cfg(toy_root, out, tiny_clip_path, limit=2, caa_threshold=0.5), progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+def test_read_only_run_folder_refused_before_model_load(toy_root, tmp_path, tiny_clip, tiny_clip_path,
+                                                        monkeypatch, no_model_load):
+    import errno
+    import tempfile
+
+    from clip_es.cam.run import generate_cams
+    from clip_es.errors import RunDirError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+    else:  # root ignores file modes: make the file system say read-only instead
+        real = tempfile.mkstemp
+
+        def read_only(*a, dir=None, **kw):
+            if dir is not None and Path(dir).resolve().is_relative_to(out.resolve()):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real(*a, dir=dir, **kw)
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    try:
+        with pytest.raises(RunDirError, match="not writable"):
+            generate_cams(_cam_cfg(toy_root, out, tiny_clip_path, limit=1), progress=False)
+    finally:
+        out.chmod(0o755)
+    assert list(out.iterdir()) == []
+
+
+def test_unwritable_parent_refused_before_model_load(toy_root, tmp_path, no_model_load, monkeypatch):
+    from clip_es.cam.run import generate_cams
+    from clip_es.errors import RunDirError
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == parent else real_access(p, mode, **kw))
+    with pytest.raises(RunDirError, match="cannot create run folder"):
+        generate_cams(_cam_cfg(toy_root, parent / "a" / "run", "x.pt", limit=1), progress=False)
+    assert list(parent.iterdir()) == []

@@ -238,6 +238,7 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file)
     all_ids = ds.ids()  # a malformed labels/split file fails here, before the run folder is touched
     run = RunDir(cfg.out)
+    precheck_run(cfg, run, ds.classes)  # refusals that need no model come before its (slow) load
     engine = build_engine(cfg, ds.classes, clip)
     run.ensure()
     top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
@@ -271,6 +272,21 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
                status=lambda st: completion_status(st, out, ".npz", expected))
     return res
 
+
+
+class _ModelNotLoaded:
+    """Stands in for the CLIP in :func:`stage_params` before it is loaded (its record: ``None``)."""
+
+    def describe(self) -> None:
+        return None
+
+
+def precheck_run(cfg: CamConfig, run: RunDir, classes: list[ClassSpec]) -> None:
+    """Refuse, before the model load and writing nothing, a run folder that cannot be written or
+    whose cam stage ran with other parameters (every parameter but the model, which
+    :meth:`RunDir.begin_stage` compares once it is loaded)."""
+    run.check_writable()
+    run.check_params(STAGE, stage_params(cfg, _ModelNotLoaded(), classes), ignore=("model",))
 
 
 def _cam_one(engine: CamEngine, ds, image_id: str, path: Path) -> str | None:
