@@ -133,6 +133,25 @@ def _parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
+ForceOpt = typer.Option(False, "--force", help="Replace this stage's outputs (to try other parameters in the "
+                        "same run folder): the previous ones, and every later stage computed from them, move to "
+                        "RUN/stale/ and their manifest entries to its 'stale' list. Not with --shard or torchrun.")
+
+
+def _force(run: Path, stage: str, shard: str) -> None:
+    """``--force``: move the stage's previous outputs (and its downstream stages') out of the way."""
+    import os
+
+    from clip_es.rundir import RunDir
+
+    if shard != "0/1" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ClipEsError("--force cannot be combined with --shard or torchrun (each process would move the "
+                          "others' outputs away); run once with --force and without sharding")
+    names, dest = RunDir(run).retire_stage(stage)
+    if names:
+        typer.echo(f"--force: moved the previous {', '.join(names)} outputs to {dest}", err=True)
+
+
 def _finish_stage(res) -> None:
     typer.echo(res.summary())
     if not res.ok:
@@ -173,7 +192,8 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "0 = no cap."),
         device: str = DeviceOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
-        shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I.")) -> None:
+        shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I."),
+        force: bool = ForceOpt) -> None:
     """Softmax-GradCAM + CAA maps for every image of a split, cached per image in OUT/cam/."""
     from clip_es.cam.run import CamConfig, generate_cams
 
@@ -183,6 +203,9 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
                     caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,
                     shard=_parse_shard(shard))
+    if force:
+        cfg.validate()
+        _force(out, "cam", shard)
     _finish_stage(generate_cams(cfg))
 
 
@@ -294,8 +317,8 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs."),
            shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
-                                                            "(under torchrun: set from the rank).")
-           ) -> None:
+                                                            "(under torchrun: set from the rank)."),
+           force: bool = ForceOpt) -> None:
     """Dense CRF on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/ (palette PNGs,
     255 = ignore), CRF argmax in RUN/refine/crf/. Resumable; parallel over images."""
     from clip_es.refine.crf import CrfParams
@@ -306,6 +329,9 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
                        save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
                        shard=_parse_shard(shard))
+    if force:
+        cfg.validate()
+        _force(run, "refine", shard)
     res = refine_masks(cfg)
     typer.echo(res.summary())
     if not res.ok:  # StageFailures -> exit code 1 through main()

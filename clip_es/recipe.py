@@ -128,8 +128,8 @@ def run_recipe(recipe: dict[str, Any], root: str | Path, out: str | Path, progre
         results["seconds"][stage] = dt
         if on_stage:
             on_stage(stage, dt, res)
-        if getattr(res, "failed", None):
-            raise StageFailures(res.summary())
+        if getattr(res, "failed", None):  # on_stage showed the reasons; the error is the first line
+            raise StageFailures(res.summary(reasons=0))
     return results
 
 

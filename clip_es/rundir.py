@@ -283,7 +283,7 @@ class RunDir:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise RunDirError(f"cannot create run folder {p}: {parent} is not writable; choose a writable run folder")
 
-    def retire_stage(self, stage: str, reason: str = "re-run with --force") -> list[str]:
+    def retire_stage(self, stage: str, reason: str = "re-run with --force") -> tuple[list[str], Path | None]:
         """Move ``stage``'s outputs, and those of every stage computed from them, out of the way.
 
         For re-running a stage with other parameters in the same run (``--force``): the folders
@@ -291,13 +291,13 @@ class RunDir:
         the manifest's ``stale`` list (with ``moved_to`` and ``reason``), and ``RUN/eval.json``
         (results of the old outputs) goes with them, so ``clipes eval`` never reports stale
         results and the stage starts afresh. Downstream of ``cam`` is every other stage; of
-        ``refine``, every stage but cam (trained segmenters). Returns the retired stage names
-        (empty when the stage was not there).
+        ``refine``, every stage but cam (trained segmenters). Returns the retired stage names and
+        the folder they went to (``([], None)`` when the stage was not there).
         """
         with self._locked() as m:
             stages = m.setdefault("stages", {})
             if stage not in stages and not self.stage_dir(stage).exists():
-                return []
+                return [], None
             names = [stage] + [n for n in stages if n not in (stage, "cam")]  # everything is computed from cam
             dest = self.path / "stale" / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}"
             k = 1
@@ -320,7 +320,7 @@ class RunDir:
                                                   "moved_to": str((dest / n).relative_to(self.path)),
                                                   "reason": reason if n == stage else f"{stage} {reason}",
                                                   "time": when})
-        return names
+        return names, dest
 
     def record(self, stage: str, *, failed: dict[str, str] | None = None, done: list[str] | None = None,
                status: str | Callable[[dict[str, Any]], str] | None = None, **extra: Any) -> None:

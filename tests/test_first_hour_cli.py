@@ -201,3 +201,109 @@ def test_unwritable_parent_refused_before_model_load(toy_root, tmp_path, no_mode
     with pytest.raises(RunDirError, match="cannot create run folder"):
         generate_cams(_cam_cfg(toy_root, parent / "a" / "run", "x.pt", limit=1), progress=False)
     assert list(parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- failures, warnings, --log-file
+@pytest.fixture
+def toy_two_broken(toy_root, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the 12-image toy set whose first two train images are truncated JPEGs."""
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:2]
+    for i in ids:
+        p = root / "JPEGImages" / f"{i}.jpg"
+        p.write_bytes(p.read_bytes()[:200])
+    return root, ids
+
+
+def test_summary_lists_failure_reasons_and_warnings_get_their_own_line(toy_two_broken, tmp_path, tiny_clip_path):
+    root, broken = toy_two_broken
+    log = tmp_path / "logs" / "cam.log"
+    p = _clipes("--log-file", str(log), *_cam_argv(root, tmp_path / "run", tiny_clip_path))
+    assert p.returncode == 1, p.stderr[-2000:]
+    out = p.stdout.splitlines()
+    assert out[0].startswith("cam: 7 done, 2 failed: see ")
+    reasons = out[1:]
+    assert len(reasons) == 2 and all(ln.startswith("  ") for ln in reasons)
+    for i, ln in zip(broken, reasons):
+        assert f"{i}.jpg" in ln, reasons
+    # a warning printed while the progress bar is drawn starts its own line (tqdm.write), not after the bar
+    warned = [seg for ln in p.stderr.split("\n") for seg in ln.split("\r") if "WARNING" in seg]
+    assert len(warned) == 2, p.stderr[-3000:]
+    assert all(seg.startswith("WARNING clip_es.cam.run: ") for seg in warned), warned
+    assert "cam:" in p.stderr  # the bar was drawn
+    text = log.read_text()
+    assert sum("WARNING clip_es.cam.run" in ln for ln in text.splitlines()) == 2
+    assert text[:4].isdigit()  # lines start with the time
+
+
+def test_summary_caps_the_reasons():
+    from clip_es.stage import StageResult
+
+    r = StageResult("refine", "/r", done=1, failed={f"i{k}": f"/d/i{k}.jpg: unreadable" for k in range(5)})
+    lines = r.summary().splitlines()
+    assert lines[1:] == ["  /d/i0.jpg: unreadable", "  /d/i1.jpg: unreadable", "  /d/i2.jpg: unreadable",
+                         "  ... and 2 more"]
+    assert r.summary(reasons=0) == lines[0]
+    assert StageResult("cam", "/r", done=2, skipped=1).summary() == "cam: 2 done, 0 failed; 1 already there"
+
+
+def test_log_file_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert run_cli(["--log-file", str(tmp_path / "f" / "x.log"), "toy", "make", "--out", str(tmp_path / "t"),
+                    "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --log-file") and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- --force
+def test_force_reruns_a_stage_with_other_parameters_in_the_same_run(toy_root, tmp_path, tiny_clip_path, capsys):
+    import json
+
+    from clip_es.rundir import RunDir
+
+    run = tmp_path / "run"
+    cam = ["cam", "-d", "toy", "-r", str(toy_root), "-o", str(run), "-m", str(tiny_clip_path), "-t", TEMPLATE,
+           "--device", "cpu", "--limit", "3"]
+    assert run_cli(cam) == 0
+    assert run_cli(["refine", "--run", str(run), "--workers", "1"]) == 0
+    assert run_cli(["eval", "--run", str(run)]) == 0
+    assert set(json.loads((run / "eval.json").read_text())["stages"]) == {"cam", "caa", "crf", "masks"}
+    old_cam = RunDir(run).stage_info("cam")
+    capsys.readouterr()
+
+    assert run_cli([*cam, "--caa-threshold", "0.5"]) == 2
+    assert "re-run with --force" in capsys.readouterr().err
+    assert run_cli([*cam, "--caa-threshold", "0.5", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "--force: moved the previous cam, refine outputs to" in err
+    m = RunDir(run).read_manifest()
+    assert set(m["stages"]) == {"cam"} and m["stages"]["cam"]["params"]["caa_threshold"] == 0.5
+    assert m["stages"]["cam"]["status"] == "done"
+    stale = {e["stage"]: e for e in m["stale"]}
+    assert set(stale) == {"cam", "refine"} and stale["cam"]["hash"] == old_cam["hash"]
+    assert "cam re-run with --force" in stale["refine"]["reason"]
+    moved = run / stale["cam"]["moved_to"]
+    assert len(list(moved.glob("*.npz"))) == 3 and (moved.parent / "refine" / "masks").is_dir()
+    assert (moved.parent / "eval.json").is_file() and not (run / "eval.json").exists()
+    assert len(list((run / "cam").glob("*.npz"))) == 3 and not (run / "refine").exists()
+    # eval reports only what is current: no stale refine results
+    assert run_cli(["eval", "--run", str(run), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["stages"]) == {"cam", "caa"}
+
+    # refine: the same for its own parameters, cam untouched
+    assert run_cli(["refine", "--run", str(run), "--workers", "1"]) == 0
+    cam_files = {p.name: p.read_bytes() for p in (run / "cam").glob("*.npz")}
+    assert run_cli(["refine", "--run", str(run), "--workers", "1", "--conf", "0.5"]) == 2
+    assert run_cli(["refine", "--run", str(run), "--workers", "1", "--conf", "0.5", "--force"]) == 0
+    m = RunDir(run).read_manifest()
+    assert m["stages"]["refine"]["params"]["conf"] == 0.5 and set(m["stages"]) == {"cam", "refine"}
+    assert [e["stage"] for e in m["stale"]] == ["cam", "refine", "refine"]
+    assert {p.name: p.read_bytes() for p in (run / "cam").glob("*.npz")} == cam_files
+    assert len(list((run / "refine" / "masks").glob("*.png"))) == 3
+
+
+def test_force_is_refused_with_shards(toy_root, tmp_path, tiny_clip_path, capsys):
+    assert run_cli(["cam", "-d", "toy", "-r", str(toy_root), "-o", str(tmp_path / "r"), "--shard", "0/2",
+                    "--force"]) == 2
+    assert "--force cannot be combined with --shard" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
