@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from clip_es.errors import ConfigError
+from clip_es.errors import ClipEsError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,42 @@ def stage_configs(recipe: dict[str, Any], root: str | Path, out: str | Path) -> 
     return out_cfgs
 
 
+def _did_work(res: Any) -> bool:
+    """Whether a stage run computed anything (``False``: every output was already there)."""
+    if hasattr(res, "done"):  # StageResult
+        return bool(res.done)
+    if hasattr(res, "resumed_from") and hasattr(res, "steps"):  # TrainResult
+        return res.resumed_from is None or res.resumed_from < res.steps
+    return True
+
+
+def _manifest_stage(stage: str, cfg: Any) -> str:
+    return getattr(cfg, "name", stage) if stage == "train" else stage
+
+
+def _compute_seconds(out: str | Path, stage: str, dt: float, worked: bool) -> float | None:
+    """Seconds the stage's outputs took to compute, kept in the manifest (``compute_seconds``): this
+    run's ``dt`` added when it computed something, else what an earlier run recorded."""
+    from clip_es.rundir import RunDir
+
+    rd = RunDir(out)
+    info = rd.stage_info(stage) or {}
+    total = info.get("compute_seconds")
+    if worked:
+        total = float(total or 0.0) + dt
+        try:
+            rd.record(stage, compute_seconds=round(total, 3))
+        except (KeyError, OSError, ClipEsError) as e:  # the time is a report, never a reason to fail
+            log.warning("could not record %s's compute time in the manifest: %s", stage, e)
+    return total
+
+
 def run_recipe(recipe: dict[str, Any], root: str | Path, out: str | Path, progress: bool = True,
                on_stage: Callable[[str, float, Any], None] | None = None) -> dict[str, Any]:
-    """Run the recipe's stages in order; return ``{stage: result}`` plus ``"seconds": {stage: s}``.
+    """Run the recipe's stages in order; return ``{stage: result}`` plus ``"seconds": {stage: s}``
+    (this run's wall time per stage), ``"compute_seconds": {stage: s}`` (what computing the stage's
+    outputs took, kept in the manifest, so a resumed run reports it rather than the time it took to
+    skip them) and ``"resumed": {stage: bool}`` (every output was already there).
 
     Raises:
         ClipEsError subclasses on fatal errors; a stage with per-image failures stops the
@@ -112,7 +145,7 @@ def run_recipe(recipe: dict[str, Any], root: str | Path, out: str | Path, progre
     from clip_es.errors import StageFailures
 
     cfgs = stage_configs(recipe, root, out)
-    results: dict[str, Any] = {"seconds": {}}
+    results: dict[str, Any] = {"seconds": {}, "compute_seconds": {}, "resumed": {}}
     for stage in STAGE_ORDER:
         if stage not in cfgs:
             continue
@@ -126,6 +159,11 @@ def run_recipe(recipe: dict[str, Any], root: str | Path, out: str | Path, progre
         dt = time.perf_counter() - t0
         results[stage] = res
         results["seconds"][stage] = dt
+        if stage != "eval":
+            worked = _did_work(res)
+            results["resumed"][stage] = not worked
+            results["compute_seconds"][stage] = _compute_seconds(out, _manifest_stage(stage, cfgs[stage]), dt,
+                                                                 worked)
         if on_stage:
             on_stage(stage, dt, res)
         if getattr(res, "failed", None):  # on_stage showed the reasons; the error is the first line

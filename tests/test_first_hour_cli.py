@@ -307,3 +307,38 @@ def test_force_is_refused_with_shards(toy_root, tmp_path, tiny_clip_path, capsys
                     "--force"]) == 2
     assert "--force cannot be combined with --shard" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- item 9: demo table after a resume
+def test_demo_table_after_resume_shows_compute_times(tmp_path, tiny_clip_path, monkeypatch):
+    import copy
+
+    import clip_es.demo as demo
+    from clip_es.demo import TOY_RECIPE, DemoConfig, run_demo
+    from clip_es.rundir import RunDir
+
+    def recipe(cfg):
+        r = copy.deepcopy(TOY_RECIPE)
+        r["model"] = {"model": str(tiny_clip_path)}
+        r["cam"]["templates"] = [TEMPLATE]
+        r["refine"]["workers"] = 1
+        r["train"].update(steps=2, batch_size=2, crop_size=64, device="cpu")
+        return r
+
+    monkeypatch.setattr(demo, "demo_recipe", recipe)
+    cfg = DemoConfig(out=str(tmp_path / "demo"), n=10, device="cpu")
+    first = run_demo(cfg, progress=False, echo=lambda s: None)
+    assert "resumed" not in first.table() and "*" not in first.table()
+    manifest = RunDir(first.run).read_manifest()["stages"]
+    recorded = {k: manifest[k]["compute_seconds"] for k in ("cam", "refine", "segmenter")}
+    assert all(v > 0 for v in recorded.values())
+
+    again = run_demo(cfg, progress=False, echo=lambda s: None)
+    rows = {r["stage"]: r for r in again.rows}
+    for label, stage in (("CAM", "cam"), ("CRF", "refine"), ("segmenter", "segmenter")):
+        assert rows[label]["resumed"] and rows[label]["seconds"] == pytest.approx(recorded[stage], abs=1e-3)
+    assert again.seconds["cam"] < 60  # what skipping took, not shown
+    table = again.table()
+    assert "* resumed: outputs already in the run folder" in table
+    cam_line = next(ln for ln in table.splitlines() if ln.startswith("CAM"))
+    assert cam_line.endswith(f"{recorded['cam']:.0f}s*")
