@@ -266,15 +266,19 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for 
 def run_cmd(recipe: Path = typer.Argument(..., help="Recipe file (see pipelines/*.toml)."),
             root: Path = RootOpt,
             out: Path = typer.Option(..., "--out", "-o", help="Run folder (re-running resumes and skips "
-                                                              "finished stages).")) -> None:
+                                                              "finished stages)."),
+            sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe value: SECTION.KEY="
+                                                     "VALUE, e.g. cam.model=ViT-B-16, refine.conf=0.9, "
+                                                     "refine.crf.iters=5, cam.scales=1.0,0.75 (repeatable).")
+            ) -> None:
     """Run every stage of a recipe in order (cam, refine, train, eval); finished work is skipped."""
     from clip_es.evaluate import format_report
-    from clip_es.recipe import load_recipe, run_recipe
+    from clip_es.recipe import apply_overrides, load_recipe, run_recipe
 
     def on_stage(stage, dt, res):
         typer.echo(f"{res.summary() if hasattr(res, 'summary') else stage + ' done'} ({dt:.0f}s)")
 
-    results = run_recipe(load_recipe(recipe), root, out, on_stage=on_stage)
+    results = run_recipe(apply_overrides(load_recipe(recipe), list(sets or [])), root, out, on_stage=on_stage)
     if "eval" in results:
         typer.echo(format_report(results["eval"]))
 

@@ -57,6 +57,121 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+#: Keys of ``[dataset]`` and ``[model]`` (the stage sections' keys are their config dataclasses' fields).
+DATASET_KEYS = ("kind", "split", "class_file", "eval_split")
+MODEL_KEYS = ("model", "pretrained")
+#: Config fields a recipe section does not set (``clipes run`` fills them from --root/--out/[dataset]).
+_NOT_SETTABLE = {"cam": {"dataset", "root", "split", "out", "class_file"}, "refine": {"run", "crf_params"},
+                 "train": {"run"}}
+
+
+def _section_fields(section: str) -> dict[str, str]:
+    """``{key: type annotation}`` of a recipe section (``refine.crf`` included)."""
+    if section == "dataset":
+        return {k: "str" for k in DATASET_KEYS}
+    if section == "model":
+        return {"model": "str", "pretrained": "str | None"}
+    if section == "cam":
+        from clip_es.cam.run import CamConfig as cls
+    elif section == "refine":
+        from clip_es.refine.run import RefineConfig as cls
+    elif section == "refine.crf":
+        from clip_es.refine.crf import CrfParams as cls
+    elif section == "train":
+        from clip_es.train.loop import TrainConfig as cls
+    elif section == "eval":
+        from clip_es.evaluate import EvalOptions as cls
+    else:
+        raise KeyError(section)
+    skip = _NOT_SETTABLE.get(section, set())
+    return {f.name: str(f.type) for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+def _toml_value(text: str) -> Any:
+    """``text`` read as a TOML value (``3``, ``0.5``, ``true``, ``[1.0, 0.75]``, ``"a b"``), else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _typed(item: str, raw: str, annotation: str) -> Any:
+    """``raw`` parsed for a field annotated ``annotation`` (``float``, ``int | None``, ``tuple[float, ...]``...)."""
+    kinds = {part.strip().split("[")[0] for part in annotation.split("|")}
+    value = _toml_value(raw)
+    # "none" is a value of some text keys (cam.background=none): for those only "null" means None
+    if "None" in kinds and isinstance(value, str) and value.lower() in (("null",) if "str" in kinds
+                                                                        else ("none", "null", "")):
+        return None
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass  # true/false for a number or text: refused below
+    elif "int" in kinds and isinstance(value, int):
+        return value
+    elif "float" in kinds and isinstance(value, (int, float)):
+        return float(value)
+    if "tuple" in kinds or "list" in kinds:
+        items = value if isinstance(value, list) else [_toml_value(v.strip()) for v in raw.split(",") if v.strip()]
+        inner = annotation.split("[", 1)[1] if "[" in annotation else "str"
+        if inner.startswith(("float", "int")):
+            whole = inner.startswith("int")
+            if not all(isinstance(v, int if whole else (int, float)) and not isinstance(v, bool) for v in items):
+                raise ConfigError(f"--set {item}: expects a list of {'whole ' if whole else ''}numbers such as "
+                                  f"{'0,2' if whole else '1.0,0.75'}, got {raw!r}")
+            return [v if whole else float(v) for v in items]
+        return [str(v) for v in items]
+    if "str" in kinds:
+        return value if isinstance(value, str) else raw
+    _refuse(item, raw, annotation)
+
+
+def _refuse(item: str, raw: str, annotation: str):
+    want = {"float": "a number", "int": "a whole number", "bool": "true or false"}.get(annotation.split(" |")[0],
+                                                                                       annotation)
+    raise ConfigError(f"--set {item}: expects {want}"
+                      + (" or none" if "None" in annotation and want != annotation else "") + f", got {raw!r}")
+
+
+def apply_overrides(recipe: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """The recipe with ``SECTION.KEY=VALUE`` overrides (``clipes run --set``) applied; a new dict.
+
+    ``cam.model=ViT-B-16``, ``refine.conf=0.9``, ``refine.crf.iters=5``, ``cam.scales=1.0,0.75``,
+    ``train.steps=500``, ``model.pretrained=/models/ViT-B-16.pt``. Values are parsed for the key's
+    type (a number, true/false, a list as ``a,b`` or ``[a, b]``, else text; ``none`` unsets a number
+    such as ``cam.limit``, ``null`` a text such as ``model.pretrained``).
+
+    Raises:
+        ConfigError: malformed item, unknown section or key (the message lists the valid ones), a
+            value of the wrong type, or a stage the recipe does not run.
+    """
+    import copy
+
+    out = copy.deepcopy(recipe)
+    sections = ("dataset", "model", *STAGE_ORDER)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. cam.model=ViT-B-16")
+        section, name = key.rsplit(".", 1)
+        if section not in (*sections, "refine.crf"):
+            raise ConfigError(f"--set {key}: unknown section {section!r}; valid: {', '.join(sections)}, refine.crf")
+        fields = _section_fields(section)
+        if name not in fields:
+            raise ConfigError(f"--set {key}: unknown key {name!r} in [{section}]; valid: {', '.join(sorted(fields))}")
+        stage = section.split(".")[0]
+        if stage in STAGE_ORDER and stage not in out:
+            raise ConfigError(f"--set {key}: the recipe has no [{stage}] section, so it does not run {stage}; "
+                              "add the section to the recipe to run it")
+        target = out.setdefault(stage, {})
+        if section == "refine.crf":
+            target = target.setdefault("crf", {})
+        target[name] = _typed(key, raw.strip(), fields[name])
+    return out
+
+
 def stage_configs(recipe: dict[str, Any], root: str | Path, out: str | Path) -> dict[str, Any]:
     """The config object of every stage the recipe names, in run order."""
     known = {"dataset", "model", *STAGE_ORDER}

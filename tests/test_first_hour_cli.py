@@ -342,3 +342,59 @@ def test_demo_table_after_resume_shows_compute_times(tmp_path, tiny_clip_path, m
     assert "* resumed: outputs already in the run folder" in table
     cam_line = next(ln for ln in table.splitlines() if ln.startswith("CAM"))
     assert cam_line.endswith(f"{recorded['cam']:.0f}s*")
+
+
+# ----------------------------------------------------------------------------- clipes run --set
+def test_run_set_overrides_a_recipe(toy_root, tmp_path, tiny_clip_path, capsys):
+    from clip_es.rundir import RunDir
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[dataset]\nkind = "toy"\nsplit = "train"\n\n[model]\nmodel = "clipes-tiny"\n\n'
+                      '[cam]\ntemplates = ["a clean origami {}."]\ncaa_threshold = 0.4\n\n[refine]\nconf = 0.95\n')
+    run = tmp_path / "run"
+    code = run_cli(["run", str(recipe), "--root", str(toy_root), "--out", str(run),
+                    "--set", f"cam.model={tiny_clip_path}", "--set", "cam.limit=2", "--set", "cam.device=cpu",
+                    "--set", "cam.caa_threshold=0.5", "--set", "cam.scales=1.0,0.5",
+                    "--set", f'cam.templates=["{TEMPLATE}"]', "--set", "refine.workers=1",
+                    "--set", "refine.crf.iters=3", "--set", "refine.save_conf=true"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    m = RunDir(run).read_manifest()["stages"]
+    cam = m["cam"]["params"]
+    assert cam["caa_threshold"] == 0.5 and cam["scales"] == [1.0, 0.5] and cam["templates"] == [TEMPLATE]
+    assert cam["model"]["source"] == str(tiny_clip_path)
+    assert m["refine"]["params"]["crf_params"]["iters"] == 3
+    assert len(list((run / "cam").glob("*.npz"))) == 2 and len(list((run / "refine" / "conf").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("item,message", [
+    ("cam.modle=ViT-B-16", "--set cam.modle: unknown key 'modle' in [cam]; valid: background, caa,"),
+    ("cam.caa_threshold=abc", "--set cam.caa_threshold: expects a number, got 'abc'"),
+    ("train.steps=1.5", "--set train.steps: expects a whole number, got '1.5'"),
+    ("camm.model=x", "--set camm.model: unknown section 'camm'; valid: dataset, model, cam, refine, train, eval"),
+    ("cam.model", "--set 'cam.model': expected SECTION.KEY=VALUE"),
+    ("refine.crf.sxy=3", "unknown key 'sxy' in [refine.crf]; valid: bi_compat, bi_srgb, bi_sxy,"),
+])
+def test_run_set_mistakes_are_one_line(toy_root, tmp_path, capsys, item, message):
+    recipe = Path(__file__).resolve().parents[1] / "pipelines" / "toy.toml"
+    assert run_cli(["run", str(recipe), "--root", str(toy_root), "--out", str(tmp_path / "run"), "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_values_are_typed():
+    from clip_es.errors import ConfigError
+    from clip_es.recipe import apply_overrides
+
+    r = {"dataset": {"kind": "toy"}, "cam": {}, "refine": {}, "eval": {}}
+    o = apply_overrides(r, ["cam.flip=true", "cam.max_side=512", "cam.limit=none", "refine.conf=1",
+                            "eval.stages=cam,caa", "model.pretrained=/m/ViT-B-16.pt", "cam.background=none"])
+    assert o["cam"] == {"flip": True, "max_side": 512, "limit": None, "background": "none"}
+    assert o["refine"]["conf"] == 1.0 and isinstance(o["refine"]["conf"], float)
+    assert o["eval"]["stages"] == ["cam", "caa"] and o["model"]["pretrained"] == "/m/ViT-B-16.pt"
+    assert r["cam"] == {}  # the input is not changed
+    with pytest.raises(ConfigError, match=r"no \[train\] section"):
+        apply_overrides(r, ["train.steps=5"])
+    with pytest.raises(ConfigError, match="expects true or false"):
+        apply_overrides(r, ["cam.flip=3"])
