@@ -176,7 +176,11 @@ def toy_make(out: Path = typer.Option(..., "--out", "-o", help="Folder to write 
 @app.command()
 def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (created; re-running resumes)."),
-        class_file: Optional[Path] = ClassFileOpt, model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
+        class_file: Optional[Path] = ClassFileOpt,
+        ann_file: Optional[Path] = typer.Option(None, "--ann-file", help="COCO only: the instances JSON "
+                                                "(default ROOT/annotations/instances_SPLIT.json); recorded in the "
+                                                "run, so refine and eval reopen the dataset with it."),
+        model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
         template: Optional[List[str]] = TemplateOpt, templates: Optional[Path] = TemplatesFileOpt,
         fusion: str = typer.Option("sentence", "--fusion", help="Synonym fusion: sentence (all synonyms in one "
                                                                 "prompt) or mean (average per-synonym embeddings)."),
@@ -198,7 +202,8 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
     from clip_es.cam.run import CamConfig, generate_cams
 
     cfg = CamConfig(dataset=dataset, root=str(root), split=split, out=str(out),
-                    class_file=str(class_file) if class_file else None, model=model, pretrained=pretrained,
+                    class_file=str(class_file) if class_file else None,
+                    ann_file=str(ann_file) if ann_file else None, model=model, pretrained=pretrained,
                     templates=_templates(template, templates), fusion=fusion, background=background,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
                     caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,

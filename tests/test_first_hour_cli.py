@@ -398,3 +398,40 @@ def test_set_values_are_typed():
         apply_overrides(r, ["train.steps=5"])
     with pytest.raises(ConfigError, match="expects true or false"):
         apply_overrides(r, ["cam.flip=3"])
+
+
+# ----------------------------------------------------------------------------- --ann-file
+def test_coco_ann_file_on_the_cli(tmp_path, tiny_clip_path, capsys):
+    import json
+
+    from clip_es.rundir import RunDir
+    from tests.test_datasets import _coco
+
+    root = _coco(tmp_path)
+    ann = tmp_path / "elsewhere" / "my_instances.json"
+    ann.parent.mkdir()
+    (root / "annotations" / "instances_val2014.json").rename(ann)
+    run = tmp_path / "run"
+    cam = ["cam", "-d", "coco", "-r", str(root), "-s", "val2014", "-o", str(run), "-m", str(tiny_clip_path),
+           "-t", TEMPLATE, "--device", "cpu"]
+    assert run_cli(cam) == 2
+    assert "COCO annotation file" in capsys.readouterr().err and not run.exists()
+    assert run_cli([*cam, "--ann-file", str(ann)]) == 0, capsys.readouterr().err
+    m = RunDir(run).read_manifest()
+    assert m["dataset"]["ann_file"] == str(ann.resolve()) and m["stages"]["cam"]["params"]["ann_file"] == str(ann.resolve())
+    assert len(list((run / "cam").glob("*.npz"))) == 3
+    # later stages reopen the dataset with the recorded annotation file
+    assert run_cli(["refine", "--run", str(run), "--workers", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli(["eval", "--run", str(run), "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["stages"]["masks"]["images"] == 3
+    assert run_cli(["cam", "-d", "toy", "-r", str(root), "-o", str(tmp_path / "r2"), "--ann-file", str(ann)]) == 2
+    assert "--ann-file is for COCO" in capsys.readouterr().err
+
+
+def test_cam_hash_without_ann_file_is_unchanged(tiny_clip):
+    """Runs made before --ann-file existed resume: the option is left out of the hash when unset."""
+    from clip_es.cam.run import CamConfig, stage_params
+
+    p = stage_params(CamConfig(dataset="toy", root="r", split="train", out="o"), tiny_clip, [])
+    assert "ann_file" not in p
