@@ -435,3 +435,24 @@ def test_cam_hash_without_ann_file_is_unchanged(tiny_clip):
 
     p = stage_params(CamConfig(dataset="toy", root="r", split="train", out="o"), tiny_clip, [])
     assert "ann_file" not in p
+
+
+# ----------------------------------------------------------------------------- item 8: messages name the right option
+def test_run_folder_messages_do_not_say_out_to_run_commands(cam_run, tmp_path, capsys):
+    run = Path(shutil.copytree(cam_run, tmp_path / "run"))
+    assert run_cli(["refine", "--run", str(run), "--workers", "1", "--limit", "2"]) == 0
+    capsys.readouterr()
+    assert run_cli(["refine", "--run", str(run), "--workers", "1", "--limit", "2", "--conf", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "already ran here with other parameters (changed: conf)" in err
+    assert "--out" not in err and "use a new run folder, or re-run with --force" in err
+
+
+def test_write_error_fixes_name_no_option(tmp_path):
+    import errno
+
+    from clip_es.rundir import write_error
+
+    for code in (errno.ENOSPC, errno.EROFS, errno.EIO):
+        msg = str(write_error(tmp_path / "x", OSError(code, os.strerror(code))))
+        assert "--out" not in msg and str(tmp_path / "x") in msg
