@@ -2,7 +2,9 @@
 function, turn known errors into a one-line message and an exit code.
 
 Exit codes: 0 ok; 1 the stage finished but some images failed (listed in the run
-manifest); 2 bad input or options (one-line message; ``--debug`` shows the traceback).
+manifest, the first reasons printed); 2 bad input or options (one-line message; ``--debug``
+shows the traceback; a command-line mistake prints click's usage paragraph); 130
+interrupted (Ctrl-C: "interrupted; re-run the same command to resume").
 """
 
 from __future__ import annotations
