@@ -42,7 +42,7 @@ ModelOpt = typer.Option("clipes-tiny", "--model", "-m", help="clipes-tiny (bundl
                                                              "ViT-B-16, or a checkpoint path.")
 PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip pretrained tag (e.g. openai) or a local "
                                                         "checkpoint file. Offline: pass a file.")
-TemplateOpt = typer.Option(None, "--template", "-t", help="Prompt template with one {} (repeatable; several are "
+TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Prompt template with one {} (repeatable; several are "
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
@@ -270,11 +270,11 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for 
 
 
 @app.command("run")
-def run_cmd(recipe: Path = typer.Argument(..., help="Recipe file (see pipelines/*.toml)."),
+def run_cmd(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe file (see pipelines/*.toml)."),
             root: Path = RootOpt,
             out: Path = typer.Option(..., "--out", "-o", help="Run folder (re-running resumes and skips "
                                                               "finished stages)."),
-            sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe value: SECTION.KEY="
+            sets: Optional[List[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE", help="Override a recipe value: SECTION.KEY="
                                                      "VALUE, e.g. cam.model=ViT-B-16, refine.conf=0.9, "
                                                      "refine.crf.iters=5, cam.scales=1.0,0.75 (repeatable).")
             ) -> None:
