@@ -2,7 +2,9 @@
 function, turn known errors into a one-line message and an exit code.
 
 Exit codes: 0 ok; 1 the stage finished but some images failed (listed in the run
-manifest); 2 bad input or options (one-line message; ``--debug`` shows the traceback).
+manifest, the first reasons printed); 2 bad input or options (one-line message; ``--debug``
+shows the traceback; a command-line mistake prints click's usage paragraph); 130
+interrupted (Ctrl-C: "interrupted; re-run the same command to resume").
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from clip_es.errors import ClipEsError
 app = typer.Typer(
     help="CLIP-ES: pixel-accurate pseudo segmentation masks from image-level labels with a frozen CLIP, "
          "and a small segmenter trained on them. Stages cache to a run folder; re-running resumes.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+# rich_markup_mode=None: click's plain help layout (flags shown as flags, no "<bool>" metavar, on every
+# typer version); help strings are plain text, so brackets in them are printed as written.
 toy_app = typer.Typer(help="The procedural toy world (exact ground truth, for testing the pipeline).",
-                      no_args_is_help=True)
+                      no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(toy_app, name="toy")
 
 _STATE = {"debug": False}
@@ -38,21 +42,78 @@ ModelOpt = typer.Option("clipes-tiny", "--model", "-m", help="clipes-tiny (bundl
                                                              "ViT-B-16, or a checkpoint path.")
 PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip pretrained tag (e.g. openai) or a local "
                                                         "checkpoint file. Offline: pass a file.")
-TemplateOpt = typer.Option(None, "--template", "-t", help="Prompt template with one {} (repeatable; several are "
+TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Prompt template with one {} (repeatable; several are "
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records to stderr through ``tqdm.write``: a warning printed while a progress bar is drawn
+    gets a line of its own (the bar is cleared and redrawn below it) instead of sharing the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool, log_file: Optional[Path] = None) -> None:
+    """Console logging (tqdm-safe) at WARNING, INFO with ``--verbose``; ``--log-file`` gets INFO and up,
+    with times, whatever the console level."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_clipes", False)]:
+        root.removeHandler(h)
+        h.close()
+    console = _TqdmHandler(level=logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as e:
+            raise ClipEsError(f"--log-file {log_file}: cannot open it for writing ({e.strerror or e}); "
+                              "choose a writable path") from None
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s " + _LOG_FORMAT))
+        handlers.append(fh)
+    for h in handlers:
+        h._clipes = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(min(h.level for h in handlers))
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("clip_es")
+    except md.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipes {_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+          log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the log (INFO and up, "
+                                                  "with times) to this file, appending."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     _STATE["debug"] = debug
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_file)
 
 
 def _templates(template: Optional[List[str]], templates_file: Optional[Path]) -> tuple[str, ...]:
@@ -72,6 +133,25 @@ def _parse_shard(shard: str) -> tuple[int, int]:
     except ValueError:
         raise ClipEsError(f"--shard must look like I/N (e.g. 0/4), got {shard!r}") from None
     return i, n
+
+
+ForceOpt = typer.Option(False, "--force", help="Replace this stage's outputs (to try other parameters in the "
+                        "same run folder): the previous ones, and every later stage computed from them, move to "
+                        "RUN/stale/ and their manifest entries to its 'stale' list. Not with --shard or torchrun.")
+
+
+def _force(run: Path, stage: str, shard: str) -> None:
+    """``--force``: move the stage's previous outputs (and its downstream stages') out of the way."""
+    import os
+
+    from clip_es.rundir import RunDir
+
+    if shard != "0/1" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ClipEsError("--force cannot be combined with --shard or torchrun (each process would move the "
+                          "others' outputs away); run once with --force and without sharding")
+    names, dest = RunDir(run).retire_stage(stage)
+    if names:
+        typer.echo(f"--force: moved the previous {', '.join(names)} outputs to {dest}", err=True)
 
 
 def _finish_stage(res) -> None:
@@ -98,7 +178,11 @@ def toy_make(out: Path = typer.Option(..., "--out", "-o", help="Folder to write 
 @app.command()
 def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (created; re-running resumes)."),
-        class_file: Optional[Path] = ClassFileOpt, model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
+        class_file: Optional[Path] = ClassFileOpt,
+        ann_file: Optional[Path] = typer.Option(None, "--ann-file", help="COCO only: the instances JSON "
+                                                "(default ROOT/annotations/instances_SPLIT.json); recorded in the "
+                                                "run, so refine and eval reopen the dataset with it."),
+        model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
         template: Optional[List[str]] = TemplateOpt, templates: Optional[Path] = TemplatesFileOpt,
         fusion: str = typer.Option("sentence", "--fusion", help="Synonym fusion: sentence (all synonyms in one "
                                                                 "prompt) or mean (average per-synonym embeddings)."),
@@ -114,16 +198,21 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "0 = no cap."),
         device: str = DeviceOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
-        shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I.")) -> None:
+        shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I."),
+        force: bool = ForceOpt) -> None:
     """Softmax-GradCAM + CAA maps for every image of a split, cached per image in OUT/cam/."""
     from clip_es.cam.run import CamConfig, generate_cams
 
     cfg = CamConfig(dataset=dataset, root=str(root), split=split, out=str(out),
-                    class_file=str(class_file) if class_file else None, model=model, pretrained=pretrained,
+                    class_file=str(class_file) if class_file else None,
+                    ann_file=str(ann_file) if ann_file else None, model=model, pretrained=pretrained,
                     templates=_templates(template, templates), fusion=fusion, background=background,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
                     caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,
                     shard=_parse_shard(shard))
+    if force:
+        cfg.validate()
+        _force(out, "cam", shard)
     _finish_stage(generate_cams(cfg))
 
 
@@ -181,18 +270,22 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for 
 
 
 @app.command("run")
-def run_cmd(recipe: Path = typer.Argument(..., help="Recipe file (see pipelines/*.toml)."),
+def run_cmd(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe file (see pipelines/*.toml)."),
             root: Path = RootOpt,
             out: Path = typer.Option(..., "--out", "-o", help="Run folder (re-running resumes and skips "
-                                                              "finished stages).")) -> None:
+                                                              "finished stages)."),
+            sets: Optional[List[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE", help="Override a recipe value: SECTION.KEY="
+                                                     "VALUE, e.g. cam.model=ViT-B-16, refine.conf=0.9, "
+                                                     "refine.crf.iters=5, cam.scales=1.0,0.75 (repeatable).")
+            ) -> None:
     """Run every stage of a recipe in order (cam, refine, train, eval); finished work is skipped."""
     from clip_es.evaluate import format_report
-    from clip_es.recipe import load_recipe, run_recipe
+    from clip_es.recipe import apply_overrides, load_recipe, run_recipe
 
     def on_stage(stage, dt, res):
         typer.echo(f"{res.summary() if hasattr(res, 'summary') else stage + ' done'} ({dt:.0f}s)")
 
-    results = run_recipe(load_recipe(recipe), root, out, on_stage=on_stage)
+    results = run_recipe(apply_overrides(load_recipe(recipe), list(sets or [])), root, out, on_stage=on_stage)
     if "eval" in results:
         typer.echo(format_report(results["eval"]))
 
@@ -237,8 +330,8 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs."),
            shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
-                                                            "(under torchrun: set from the rank).")
-           ) -> None:
+                                                            "(under torchrun: set from the rank)."),
+           force: bool = ForceOpt) -> None:
     """Dense CRF on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/ (palette PNGs,
     255 = ignore), CRF argmax in RUN/refine/crf/. Resumable; parallel over images."""
     from clip_es.refine.crf import CrfParams
@@ -249,6 +342,9 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
                        save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
                        shard=_parse_shard(shard))
+    if force:
+        cfg.validate()
+        _force(run, "refine", shard)
     res = refine_masks(cfg)
     typer.echo(res.summary())
     if not res.ok:  # StageFailures -> exit code 1 through main()
@@ -455,36 +551,89 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: run the app, map library errors to one line + exit code."""
+INTERRUPTED = "interrupted; re-run the same command to resume"
+PROG = "clipes"
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """A click usage/parameter error, from whichever click runs the parser.
+
+    typer 0.29+ bundles its own copy of click (``typer._click``), so ``isinstance`` against
+    the separate ``click`` package no longer matches; every click copy's ``ClickException``
+    has an integer ``exit_code`` and a ``show()`` that prints the usual usage paragraph.
+    """
+    return isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "show", None))
+
+
+def _invoke(argv: Optional[List[str]]) -> int:
+    """Parse ``argv`` and run the command through click's public API (``make_context`` + ``invoke``).
+
+    Not ``app(...)``/``main(...)``: those differ between typer versions in what they do with
+    usage errors (print or raise) and Ctrl-C (typer 0.29 turns ``KeyboardInterrupt`` into a silent
+    exit 130). Here every exception reaches :func:`main` as raised. Returns the exit code of a
+    ``typer.Exit``/``click.exceptions.Exit`` (``--help``, ``--version``, ``_finish_stage``), else 0.
+    """
+    cmd = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rc = app(args=argv, standalone_mode=False)  # non-standalone click returns Exit codes
+        with cmd.make_context(PROG, args) as ctx:
+            cmd.invoke(ctx)
+    except Exception as e:
+        # click's and typer's ``Exit`` (several classes across versions): an exit code, no message
+        code = getattr(e, "exit_code", None)
+        if type(e).__name__ == "Exit" and isinstance(code, int):
+            return code
+        if _is_usage_error(e) and hasattr(e, "ctx") and e.ctx is None:
+            _attach_context(e, cmd, args)
+        raise
+    return 0
+
+
+def _attach_context(e: Exception, cmd, args: List[str]) -> None:
+    """Give a usage error raised without a context (typer 0.29's parser does so for ``--opt`` missing
+    its value) the context of the command ``args`` name, so ``show()`` prints the usage paragraph."""
+    ctx = cmd.context_class(cmd, info_name=PROG)
+    for a in args:
+        sub = getattr(ctx.command, "commands", {}).get(a)
+        if sub is None:
+            if not a.startswith("-"):
+                break
+            continue
+        ctx = sub.context_class(sub, info_name=a, parent=ctx)
+    e.ctx = ctx  # type: ignore[attr-defined]
+    e.cmd = ctx.command  # type: ignore[attr-defined]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: run the app, map errors to one message + exit code.
+
+    Exit codes: 0 ok; 1 some images failed; 2 bad input or options (a usage error prints click's
+    usual usage paragraph); 130 interrupted (Ctrl-C).
+    """
+    try:
+        rc = _invoke(argv)
     except ClipEsError as e:
         if _STATE["debug"]:
             raise
         typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        sys.exit(130)
     except OSError as e:  # a file problem the library did not foresee: still one line, not a traceback
         if _STATE["debug"]:
             raise
         typer.echo(f"error: {_one_line(e)} (--debug shows the traceback)", err=True)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:
+        if _is_usage_error(e):  # missing/unknown option, bad value, unknown command
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        if type(e).__name__ == "Abort":  # click's/typer's Abort: EOF at a prompt
+            typer.echo("aborted", err=True)
+            sys.exit(130)
         raise
-    if isinstance(rc, int) and rc:
+    if rc:
         sys.exit(rc)
 
 

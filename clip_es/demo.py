@@ -68,9 +68,14 @@ class DemoResult:
         for r in self.rows:
             cov = f"{r['coverage'] * 100:9.1f}%" if r.get("coverage") is not None else f"{'':>10}"
             prec = f"{r['precision'] * 100:10.1f}%" if r.get("precision") is not None else f"{'':>11}"
-            t = f"{r['seconds']:8.0f}s" if r.get("seconds") is not None else f"{'':>9}"
-            lines.append(f"{r['stage']:<14}{r['split']:<7}{r['miou'] * 100:7.1f}{cov}{prec}{t}")
+            if r.get("seconds") is not None:
+                t = f"{r['seconds']:8.0f}s" + ("*" if r.get("resumed") else "")
+            else:
+                t = f"{'resumed*':>9}" if r.get("resumed") else f"{'':>9}"
+            lines.append(f"{r['stage']:<14}{r['split']:<7}{r['miou'] * 100:7.1f}{cov}{prec}{t}".rstrip())
         lines.append("-" * len(head))
+        if any(r.get("resumed") for r in self.rows):
+            lines.append("* resumed: outputs already in the run folder; the time is what computing them took")
         lines.append(f"total wall time {self.total_seconds / 60:.1f} min")
         return "\n".join(lines)
 
@@ -122,11 +127,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) 
     seconds["show"] = time.perf_counter() - t0
     stages = results["eval"]["stages"]
     rows = []
-    for key, label, t in (("cam", "CAM", seconds.get("cam")), ("caa", "CAA", None), ("crf", "CRF", seconds.get("refine")),
-                          ("masks", "pseudo masks", None), ("segmenter", "segmenter", seconds.get("train"))):
+    compute, resumed = results.get("compute_seconds", {}), results.get("resumed", {})
+    for key, label, stage in (("cam", "CAM", "cam"), ("caa", "CAA", None), ("crf", "CRF", "refine"),
+                              ("masks", "pseudo masks", None), ("segmenter", "segmenter", "train")):
         if key not in stages:
             continue
         s = stages[key]
         rows.append({"stage": label, "split": s.get("split", "train"), "miou": s["miou"],
-                     "coverage": s.get("coverage"), "precision": s.get("precision"), "seconds": t})
+                     "coverage": s.get("coverage"), "precision": s.get("precision"),
+                     "seconds": compute.get(stage) if stage else None, "resumed": bool(stage and resumed.get(stage))})
     return DemoResult(rows, seconds, sheet, run, time.perf_counter() - t_start, {"eval": stages})

@@ -60,11 +60,11 @@ def write_error(path: str | Path, e: OSError) -> OutputWriteError:
 
     reason = e.strerror or str(e)
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        fix = "free disk space (or choose another --out) and re-run the same command to resume"
+        fix = "free disk space (or write to another folder) and re-run the same command to resume"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "the folder is not writable; choose a writable --out"
+        fix = "the folder is not writable; choose a writable folder"
     else:
-        fix = "check the output folder, or choose another --out"
+        fix = "check the output folder, or write to another one"
     return OutputWriteError(f"cannot write {path}: {reason}; {fix}")
 
 
@@ -181,9 +181,10 @@ class RunDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunDirError(f"cannot create run folder {self.path}: {e.strerror}; choose a writable --out") from e
+            raise RunDirError(f"cannot create run folder {self.path}: {e.strerror}; choose a writable run folder") \
+                from e
         if not os.access(self.path, os.W_OK):
-            raise RunDirError(f"run folder {self.path} is not writable; choose a writable --out")
+            raise RunDirError(f"run folder {self.path} is not writable; choose a writable run folder")
 
     def update_top(self, **fields: Any) -> None:
         """Set top-level manifest fields (dataset, model, ...). Refuses to change a set ``dataset``."""
@@ -223,12 +224,7 @@ class RunDir:
             stages = m.setdefault("stages", {})
             old = stages.get(stage)
             if old is not None and old.get("hash") != h:
-                changed = sorted(k for k in set(params) | set(old.get("params", {}))
-                                 if params.get(k) != old.get("params", {}).get(k))
-                raise RunDirError(
-                    f"{self.path}: stage '{stage}' already ran here with other parameters "
-                    f"(changed: {', '.join(changed) or 'unknown'}); use a new --out folder, or delete "
-                    f"{self.stage_dir(stage)} and its manifest entry to redo it")
+                raise self._changed_error(stage, _changed(params, old.get("params", {})))
             if top:
                 self._set_top(m, top)
             if old is None:
@@ -243,6 +239,88 @@ class RunDir:
         atomic_write_json(d / "config.json", params)
         self.sweep_temp(d)
         return d
+
+    def _changed_error(self, stage: str, changed: list[str]) -> RunDirError:
+        redo = ("re-run with --force to replace its outputs" if stage in FORCEABLE
+                else f"delete {self.stage_dir(stage)} and its manifest entry to redo it")
+        return RunDirError(f"{self.path}: stage '{stage}' already ran here with other parameters "
+                           f"(changed: {', '.join(changed) or 'unknown'}); use a new run folder, or {redo}")
+
+    def check_params(self, stage: str, params: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+        """Refuse early, writing nothing, when ``stage`` already ran here with parameters that differ
+        from ``params`` in a key other than ``ignore`` (the same refusal :meth:`begin_stage` makes).
+
+        For checks before a slow step: the cam stage compares everything but the model before
+        loading the model; :meth:`begin_stage` still compares the whole set afterwards.
+        """
+        if not self.manifest_path.is_file():
+            return
+        old = self.read_manifest().get("stages", {}).get(stage)
+        if old is None:
+            return
+        changed = [k for k in _changed(params, old.get("params", {})) if k not in ignore]
+        if changed:
+            raise self._changed_error(stage, changed)
+
+    def check_writable(self) -> None:
+        """Refuse, creating nothing, a run folder that could not be written: an existing one that is
+        not a writable folder, or a new one whose nearest existing parent is not writable."""
+        p = self.path
+        if p.exists():
+            if not p.is_dir():
+                raise RunDirError(f"run folder {p} is a file; choose a run folder")
+            try:  # a real write, not os.access: read-only mounts, ACLs and root squash all answer here
+                fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}.{_HOST}.", dir=p)
+                os.close(fd)
+                os.unlink(tmp)
+            except OSError as e:
+                raise RunDirError(f"run folder {p} is not writable ({e.strerror or e}); "
+                                  "choose a writable run folder") from e
+            return
+        parent = p.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise RunDirError(f"cannot create run folder {p}: {parent} is not writable; choose a writable run folder")
+
+    def retire_stage(self, stage: str, reason: str = "re-run with --force") -> tuple[list[str], Path | None]:
+        """Move ``stage``'s outputs, and those of every stage computed from them, out of the way.
+
+        For re-running a stage with other parameters in the same run (``--force``): the folders
+        go to ``RUN/stale/<time>-<stage>/`` (nothing is deleted), their manifest entries move to
+        the manifest's ``stale`` list (with ``moved_to`` and ``reason``), and ``RUN/eval.json``
+        (results of the old outputs) goes with them, so ``clipes eval`` never reports stale
+        results and the stage starts afresh. Downstream of ``cam`` is every other stage; of
+        ``refine``, every stage but cam (trained segmenters). Returns the retired stage names and
+        the folder they went to (``([], None)`` when the stage was not there).
+        """
+        with self._locked() as m:
+            stages = m.setdefault("stages", {})
+            if stage not in stages and not self.stage_dir(stage).exists():
+                return [], None
+            names = [stage] + [n for n in stages if n not in (stage, "cam")]  # everything is computed from cam
+            dest = self.path / "stale" / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}"
+            k = 1
+            while dest.exists():
+                k += 1
+                dest = dest.with_name(f"{dest.name.split('~')[0]}~{k}")
+            try:
+                dest.mkdir(parents=True)
+                for n in names:
+                    if self.stage_dir(n).exists():
+                        os.replace(self.stage_dir(n), dest / n)
+                if (self.path / "eval.json").is_file():
+                    os.replace(self.path / "eval.json", dest / "eval.json")
+            except OSError as e:
+                raise write_error(dest, e) from e
+            when = time.strftime("%Y-%m-%dT%H:%M:%S")
+            for n in names:
+                entry = stages.pop(n, None) or {}
+                m.setdefault("stale", []).append({"stage": n, "params": entry.get("params"), "hash": entry.get("hash"),
+                                                  "moved_to": str((dest / n).relative_to(self.path)),
+                                                  "reason": reason if n == stage else f"{stage} {reason}",
+                                                  "time": when})
+        return names, dest
 
     def record(self, stage: str, *, failed: dict[str, str] | None = None, done: list[str] | None = None,
                status: str | Callable[[dict[str, Any]], str] | None = None, **extra: Any) -> None:
@@ -279,6 +357,15 @@ class RunDir:
                 p.unlink()
                 n += 1
         return n
+
+
+#: Stages ``--force`` can redo in place (:meth:`RunDir.retire_stage`).
+FORCEABLE = ("cam", "refine")
+
+
+def _changed(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two parameter dicts (missing counts as ``None``)."""
+    return sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
 
 
 def _writer_may_be_alive(tmp: Path) -> bool:

@@ -13,6 +13,10 @@ from pathlib import Path
 from clip_es.errors import ConfigError
 
 
+#: How many failure reasons a stage summary lists (the manifest has them all).
+SHOW_REASONS = 3
+
+
 @dataclass
 class StageResult:
     """What a stage run did. ``failed`` maps image id to the reason."""
@@ -27,13 +31,22 @@ class StageResult:
     def ok(self) -> bool:
         return not self.failed
 
-    def summary(self) -> str:
-        """One line: ``cam: 8 done, 1 failed: see RUN/manifest.json (stages.cam.failed); 3 already there``."""
+    def summary(self, reasons: int = SHOW_REASONS) -> str:
+        """``cam: 8 done, 1 failed: see RUN/manifest.json (stages.cam.failed); 3 already there``, then,
+        when images failed, the first ``reasons`` failure reasons, one indented line each."""
+        from clip_es.errors import first_line
+
         s = f"{self.stage}: {self.done} done, {len(self.failed)} failed"
         if self.failed:
             s += f": see {Path(self.run) / 'manifest.json'} (stages.{self.stage}.failed)"
         if self.skipped:
             s += f"; {self.skipped} already there"
+        shown = list(self.failed.items())[:max(0, reasons)]
+        for image_id, reason in shown:
+            line = first_line(reason) or "(no reason given)"
+            s += f"\n  {line if image_id in line else f'{image_id}: {line}'}"
+        if shown and len(self.failed) > len(shown):
+            s += f"\n  ... and {len(self.failed) - len(shown)} more"
         return s
 
 

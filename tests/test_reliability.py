@@ -700,7 +700,7 @@ def test_read_only_run_folder_is_a_clear_error(toy, tmp_path, tiny_clip, tiny_cl
     try:
         with pytest.raises(RunDirError, match="not writable") as ei:
             generate_cams(cfg, clip=tiny_clip, progress=False)
-        assert str(out) in str(ei.value) and "choose a writable --out" in str(ei.value)
+        assert str(out) in str(ei.value) and "choose a writable run folder" in str(ei.value)
         code, _, err = _cli(_cam_argv(toy, out, tiny_clip_path, "--limit", "2"), capsys)
         assert code == 2
         _assert_one_line_error(err, str(out), "not writable")

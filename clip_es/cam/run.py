@@ -56,6 +56,8 @@ class CamConfig:
 
     Attributes:
         dataset, root, split, class_file: which images (see :func:`open_dataset`).
+        ann_file: COCO only: the instances JSON (default ``ROOT/annotations/instances_SPLIT.json``);
+            recorded in the manifest, so later stages reopen the dataset with it.
         out: the run directory.
         model, pretrained: CLIP to use (see :func:`clip_es.model.load_clip`).
         templates: prompt templates; several are averaged.
@@ -84,6 +86,7 @@ class CamConfig:
     split: str
     out: str
     class_file: str | None = None
+    ann_file: str | None = None
     model: str = "clipes-tiny"
     pretrained: str | None = None
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
@@ -215,6 +218,8 @@ def build_engine(cfg: CamConfig, classes: list[ClassSpec], clip: ClipModel | Non
 def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec]) -> dict[str, Any]:
     """The parameters that decide the outputs (hashed into the manifest)."""
     p = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "limit", "shard", "root")}
+    if p.get("ann_file") is None:  # runs made before --ann-file existed keep their hash
+        p.pop("ann_file", None)
     p["model"] = clip.describe()
     p["background_words"] = background_words(cfg.background or "none")
     p["classes"] = [[c.name, *c.synonyms] for c in classes]
@@ -235,13 +240,15 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     cfg = cfg.validate()
     if cfg.background is None:
         cfg = replace(cfg, background=DEFAULT_BACKGROUND.get(cfg.dataset, "none"))
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file)
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file, **dataset_options(cfg))
     all_ids = ds.ids()  # a malformed labels/split file fails here, before the run folder is touched
     run = RunDir(cfg.out)
+    precheck_run(cfg, run, ds.classes)  # refusals that need no model come before its (slow) load
     engine = build_engine(cfg, ds.classes, clip)
     run.ensure()
     top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
-                        "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None},
+                        "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None,
+                        **dataset_options(cfg)},
                classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
                model=engine.clip.describe())
     out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes), top=top)
@@ -271,6 +278,30 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
                status=lambda st: completion_status(st, out, ".npz", expected))
     return res
 
+
+
+def dataset_options(cfg: CamConfig) -> dict[str, str]:
+    """Reader options beyond kind/root/split/class_file (``ann_file`` for COCO), as recorded in the manifest."""
+    if not cfg.ann_file:
+        return {}
+    if cfg.dataset != "coco":
+        raise ConfigError(f"--ann-file is for COCO datasets (-d coco), not {cfg.dataset!r}")
+    return {"ann_file": str(Path(cfg.ann_file).resolve())}
+
+
+class _ModelNotLoaded:
+    """Stands in for the CLIP in :func:`stage_params` before it is loaded (its record: ``None``)."""
+
+    def describe(self) -> None:
+        return None
+
+
+def precheck_run(cfg: CamConfig, run: RunDir, classes: list[ClassSpec]) -> None:
+    """Refuse, before the model load and writing nothing, a run folder that cannot be written or
+    whose cam stage ran with other parameters (every parameter but the model, which
+    :meth:`RunDir.begin_stage` compares once it is loaded)."""
+    run.check_writable()
+    run.check_params(STAGE, stage_params(cfg, _ModelNotLoaded(), classes), ignore=("model",))
 
 
 def _cam_one(engine: CamEngine, ds, image_id: str, path: Path) -> str | None:

@@ -57,4 +57,5 @@ def dataset_of_run(run: "RunDir", split: str | None = None):
     d = m.get("dataset")
     if not d:
         raise RunDirError(f"{run.path}: no dataset recorded in the manifest; run 'clipes cam' into it first")
-    return open_dataset(d["kind"], d["root"], split or d["split"], d.get("class_file"))
+    extra = {"ann_file": d["ann_file"]} if d.get("ann_file") and (split or d["split"]) == d["split"] else {}
+    return open_dataset(d["kind"], d["root"], split or d["split"], d.get("class_file"), **extra)

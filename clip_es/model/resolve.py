@@ -271,6 +271,19 @@ def _cached_file(name: str, tag: str, cache_dir: str | None) -> Path | None:
     return None
 
 
+#: File suffixes of CLIP checkpoints: a --model / --pretrained value ending so is taken for a path.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a ``--model``/``--pretrained`` value names a file rather than a registry name: it has a
+    path separator (``hf-hub:`` names aside), starts with ``~`` or ``.``, or ends in a checkpoint suffix."""
+    if value.startswith("hf-hub:"):
+        return False
+    return ("/" in value or os.sep in value or value.startswith(("~", "."))
+            or value.lower().endswith(CHECKPOINT_SUFFIXES))
+
+
 def load_clip(model: str = TINY_NAME, pretrained: str | None = None, device: str = "cpu",
               cache_dir: str | None = None) -> ClipModel:
     """Resolve and load a CLIP (see the module doc for the precedence).
@@ -289,6 +302,11 @@ def load_clip(model: str = TINY_NAME, pretrained: str | None = None, device: str
         return load_checkpoint_file(Path(pretrained).expanduser(), arch=model, device=device)
     if Path(model).expanduser().is_file():
         return load_checkpoint_file(Path(model).expanduser(), arch=None, device=device)
+    if looks_like_path(model):
+        what = "is a folder, not a checkpoint file" if Path(model).expanduser().is_dir() else \
+            "checkpoint file does not exist"
+        raise WeightsError(f"--model {model}: {what}; pass an existing checkpoint file, "
+                           f"{TINY_NAME}, or an open_clip model name such as ViT-B-16")
     if model == TINY_NAME:
         if pretrained not in (None, "", TINY_NAME):
             raise WeightsError(f"{TINY_NAME} takes no --pretrained tag (got {pretrained!r}); "
@@ -299,7 +317,7 @@ def load_clip(model: str = TINY_NAME, pretrained: str | None = None, device: str
         clip = load_checkpoint_file(TINY_CHECKPOINT, arch=None, device=device)
         clip.name, clip.source = TINY_NAME, f"bundled:{TINY_CHECKPOINT.name}"
         return clip
-    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth"))):
+    if pretrained and looks_like_path(pretrained):
         raise WeightsError(f"checkpoint file {pretrained} does not exist; pass an existing file")
     import open_clip
 

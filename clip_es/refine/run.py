@@ -240,10 +240,18 @@ def _run_chunk(job: _Job, items: list[tuple[str, str]]) -> list[tuple[str, str, 
 
 
 def _init_worker() -> None:
-    """Pool worker start-up: one OpenCV thread per process (parallelism comes from the pool)."""
+    """Pool worker start-up: one OpenCV thread per process (parallelism comes from the pool).
+
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main process alone
+    handles it (cancels the pending chunks, lets running ones finish their atomic writes, and
+    the CLI prints one "interrupted" line) instead of every worker printing a traceback.
+    """
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _mp_context():
@@ -260,6 +268,48 @@ def _mp_context():
     import multiprocessing as mp
 
     return mp.get_context("spawn")
+
+
+def unguarded_main_script() -> str | None:
+    """Where a spawn pool started now would re-run the caller's script, else ``None``.
+
+    A spawned worker imports the main script again (as ``__mp_main__``), so a script that calls
+    :func:`refine_masks` from its top level without ``if __name__ == "__main__":`` would have
+    each worker re-run that code (loading models, starting pools of its own) and the pool
+    break. Returns ``"FILE:LINE"`` of the unguarded top-level call in the main script, or
+    ``None`` when the call is guarded, comes from a notebook or an interactive session (no
+    main file), or from ``python -m package`` (spawn does not re-run a package's ``__main__``).
+    """
+    import ast
+    import sys
+
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if not main_file or spec_name.endswith("__main__") or not str(main_file).endswith(".py"):
+        return None
+    frame, line = sys._getframe(1), None
+    while frame is not None:  # the outermost frame of the main script's top-level code
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            line = frame.f_lineno
+        frame = frame.f_back
+    if line is None:
+        return None
+    try:
+        tree = ast.parse(Path(main_file).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+    def is_main_guard(test: ast.expr) -> bool:
+        return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+                and {ast.unparse(test.left), ast.unparse(test.comparators[0])} in
+                ({"__name__", "'__main__'"}, {"__name__", '"__main__"'}))
+
+    for node in tree.body:
+        if isinstance(node, ast.If) and is_main_guard(node.test) and \
+                node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno):
+            return None
+    return f"{main_file}:{line}"
 
 
 def _chunks(items: list, workers: int) -> list[list]:
@@ -311,6 +361,11 @@ def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
             res.failed[image_id] = str(e)
     done_ids: list[str] = []
     workers = min(cfg.resolved_workers(), max(1, len(items)))
+    if workers > 1 and (where := unguarded_main_script()):
+        log.warning("refine_masks was called at %s outside an 'if __name__ == \"__main__\":' block; worker "
+                    "processes would re-run the script, so this run refines in one process. Put the script's "
+                    "calls under that guard to use %d processes", where, workers)
+        workers = 1
     bar = tqdm(total=len(items), desc="refine", unit="img", disable=not progress)
 
     def collect(results: list[tuple[str, str, str]]) -> None:
