@@ -42,6 +42,9 @@ TemplateOpt = typer.Option(None, "--template", "-t", help="Prompt template with 
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for the computation (default: OMP_NUM_THREADS if "
+                                                  "set, else every CPU this process may use). On a machine shared "
+                                                  "with other jobs, fewer is often faster.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -113,6 +116,14 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "downscaled to this longer side for CLIP (maps stay at the original size); "
                                      "0 = no cap."),
         device: str = DeviceOpt,
+        precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward: auto "
+                                      "(bf16 on GPUs and CPUs that compute it natively: avx512_bf16 or AMX; "
+                                      "else fp32), fp32, bf16 or fp16. Gradients and CAA stay fp32/fp64."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks "
+                                       "(grouped by working size); fp32 maps are identical at any value."),
+        workers: int = typer.Option(0, "--workers", "-j", help="Data-loader processes decoding and resizing "
+                                    "images ahead (0: in this process)."),
+        threads: Optional[int] = ThreadsOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
         shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I.")) -> None:
     """Softmax-GradCAM + CAA maps for every image of a split, cached per image in OUT/cam/."""
@@ -123,7 +134,8 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                     templates=_templates(template, templates), fusion=fusion, background=background,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
                     caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,
-                    shard=_parse_shard(shard))
+                    shard=_parse_shard(shard), precision=precision, batch_size=batch_size, workers=workers,
+                    threads=threads)
     _finish_stage(generate_cams(cfg))
 
 

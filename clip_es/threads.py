@@ -1,0 +1,95 @@
+"""How many CPU threads a compute command uses (``--threads``), in one place.
+
+Every compute command (cam, refine, train, segment, demo) takes ``threads``: ``None``
+means :func:`default_threads`, the CPUs this process may run on
+(``os.sched_getaffinity``, which honours ``taskset``, cgroup cpusets and container
+limits), unless ``OMP_NUM_THREADS`` is set, which then wins (the usual way to pin a
+process). The library applies it with :func:`use_threads` around the work and restores
+the caller's setting afterwards, so a Python-API caller's own thread settings survive.
+
+Process pools (refine's CRF workers, data-loader workers) split the budget: ``workers
+* threads_per_worker <= threads`` (:func:`split_threads`).
+
+Imports neither torch nor OpenCV at module level (refine's workers stay light).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Iterator
+
+from clip_es.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when set to a positive integer, else :func:`available_cpus`."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return available_cpus()
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads`` validated, or :func:`default_threads` for ``None``.
+
+    Raises:
+        ConfigError: ``threads < 1``.
+    """
+    if threads is None:
+        return default_threads()
+    if int(threads) < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    return int(threads)
+
+
+def split_threads(threads: int | None, workers: int) -> tuple[int, int]:
+    """``(workers, threads per worker)`` with ``workers * per_worker <= threads``.
+
+    ``workers`` is lowered to the thread budget when it exceeds it (each worker needs one).
+    """
+    total = resolve_threads(threads)
+    workers = max(1, min(int(workers), total))
+    return workers, max(1, total // workers)
+
+
+@contextlib.contextmanager
+def use_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads and OpenCV threads; restore them after.
+
+    torch is configured only if it is already imported (CPU-only stages never import it).
+    Yields the resolved count.
+    """
+    n = resolve_threads(threads)
+    torch = sys.modules.get("torch")
+    prev_torch = torch.get_num_threads() if torch is not None else None
+    try:
+        import cv2
+
+        prev_cv2 = cv2.getNumThreads()
+    except ImportError:  # pragma: no cover - cv2 is a dependency
+        cv2, prev_cv2 = None, None
+    if torch is not None and prev_torch != n:
+        torch.set_num_threads(n)
+    if cv2 is not None:
+        cv2.setNumThreads(n)
+    log.info("using %d CPU thread(s) (%d CPUs available to this process)", n, available_cpus())
+    try:
+        yield n
+    finally:
+        if torch is not None and torch.get_num_threads() != prev_torch:
+            torch.set_num_threads(prev_torch)
+        if cv2 is not None:
+            cv2.setNumThreads(prev_cv2)
