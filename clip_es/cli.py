@@ -181,12 +181,13 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for 
          seed: int = typer.Option(1, "--seed", help="Toy world seed."),
          train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Segmenter steps (default: "
                                                                                "the toy recipe's)."),
-         device: str = DeviceOpt) -> None:
+         device: str = DeviceOpt, threads: Optional[int] = ThreadsOpt) -> None:
     """The whole pipeline on the toy world with the bundled tiny CLIP (no network, no arguments needed):
     toy make -> cam -> refine -> train -> eval, then one table of mIoU per stage with timings."""
     from clip_es.demo import DemoConfig, run_demo
 
-    res = run_demo(DemoConfig(out=str(out), n=n, seed=seed, train_steps=train_steps, device=device), echo=typer.echo)
+    res = run_demo(DemoConfig(out=str(out), n=n, seed=seed, train_steps=train_steps, device=device,
+                                 threads=threads), echo=typer.echo)
     typer.echo("")
     typer.echo(res.table())
     typer.echo(f"\nlook at: {res.sheet} (clipes show contact sheet), per-class IoU: clipes eval --run {res.run}")
@@ -244,7 +245,10 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels): larger images "
                                         "are refined at this longer side and the masks scaled back (nearest) to "
                                         "the original size; 0 = no cap."),
-           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
+           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes, one thread each "
+                                                 "(default and maximum: the --threads budget)."),
+           threads: Optional[int] = typer.Option(None, "--threads", help="CPU thread budget (default: every CPU "
+                                                 "this process may use); worker processes never exceed it."),
            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs."),
            shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
                                                             "(under torchrun: set from the rank).")
@@ -258,7 +262,7 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
                        crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
                        save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
-                       shard=_parse_shard(shard))
+                       shard=_parse_shard(shard), threads=threads)
     res = refine_masks(cfg)
     typer.echo(res.summary())
     if not res.ok:  # StageFailures -> exit code 1 through main()
@@ -333,8 +337,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           resume: bool = typer.Option(False, "--resume", help="Continue from RUN/NAME/last.pt."),
           clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP to embed the classes "
                                                    "(default: the one the cam stage recorded)."),
-          clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file.")
-          ) -> None:
+          clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file."),
+          threads: Optional[int] = ThreadsOpt) -> None:
     """Train the lightweight segmenter (CNN + CLIP-text fusion) on the run's pseudo masks. Multi-process:
     torchrun --standalone --nproc_per_node N -m clip_es train --run-dir RUN ... (DDP; gloo on CPU, nccl on CUDA)."""
     from clip_es.train.loop import DistInfo, TrainConfig, train_segmenter
@@ -345,7 +349,7 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                       backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=0 if no_fusion else fusion_blocks,
                       device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
-                      scale_range=_pair(scale_range, "--scale-range"))
+                      scale_range=_pair(scale_range, "--scale-range"), threads=threads)
     res = train_segmenter(cfg)
     if DistInfo.from_env().main:
         typer.echo(res.summary())
@@ -378,7 +382,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                                          "on a downscaled copy (bounds memory); 0 = always native size."),
             clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
-                                                          "file.")) -> None:
+                                                          "file."),
+            threads: Optional[int] = ThreadsOpt) -> None:
     """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
     OUT/classes.txt). Resumable."""
     from clip_es.train.segment import SegmentConfig, segment as run_segment
@@ -386,7 +391,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
     cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
-                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None)
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,
+                        threads=threads)
     _finish_stage(run_segment(cfg))
 
 

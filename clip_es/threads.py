@@ -16,10 +16,11 @@ Imports neither torch nor OpenCV at module level (refine's workers stay light).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from clip_es.errors import ConfigError
 
@@ -34,8 +35,16 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: The budget of the innermost :func:`use_threads` block (a stage run inside ``clipes demo``
+#: or a recipe inherits the outer ``--threads``).
+_ACTIVE: list[int] = []
+
+
 def default_threads() -> int:
-    """``OMP_NUM_THREADS`` when set to a positive integer, else :func:`available_cpus`."""
+    """The enclosing :func:`use_threads` budget; else ``OMP_NUM_THREADS`` when set to a
+    positive integer; else :func:`available_cpus`."""
+    if _ACTIVE:
+        return _ACTIVE[-1]
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -53,6 +62,15 @@ def resolve_threads(threads: int | None) -> int:
     if int(threads) < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
     return int(threads)
+
+
+def process_budget(threads: int | None) -> int:
+    """How many single-threaded worker processes may run: ``threads`` when given, else the
+    enclosing :func:`use_threads` budget, else :func:`available_cpus` (``OMP_NUM_THREADS``
+    is a per-process setting, which one-thread workers honour anyway)."""
+    if threads is not None:
+        return resolve_threads(threads)
+    return _ACTIVE[-1] if _ACTIVE else available_cpus()
 
 
 def split_threads(threads: int | None, workers: int) -> tuple[int, int]:
@@ -86,10 +104,26 @@ def use_threads(threads: int | None) -> Iterator[int]:
     if cv2 is not None:
         cv2.setNumThreads(n)
     log.info("using %d CPU thread(s) (%d CPUs available to this process)", n, available_cpus())
+    _ACTIVE.append(n)
     try:
         yield n
     finally:
+        _ACTIVE.pop()
         if torch is not None and torch.get_num_threads() != prev_torch:
             torch.set_num_threads(prev_torch)
         if cv2 is not None:
             cv2.setNumThreads(prev_cv2)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def threads_from_config(fn: F) -> F:
+    """Decorate a stage function ``fn(cfg, ...)``: run it under ``use_threads(cfg.threads)``."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg, *args, **kwargs):
+        with use_threads(getattr(cfg, "threads", None)):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
