@@ -114,9 +114,9 @@ def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool =
         scores = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
         if attn_mask is not None:
             scores = scores + attn_mask
-        probs = scores.softmax(-1)
-        out = probs @ v
-        avg = probs.float().mean(1)  # fp32 even under autocast (a no-op copy-free cast in fp32)
+        probs = scores.float().softmax(-1)  # fp32 under autocast too (no-op casts in fp32)
+        out = probs.to(v.dtype) @ v
+        avg = probs.mean(1)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         avg = None

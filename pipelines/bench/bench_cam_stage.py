@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="images (CPU); a multiple of 8 keeps batches full")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per configuration")
     ap.add_argument("--precisions", default="fp32,bf16,fp16")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every row this many times (round-robin), keep "
+                    "the best")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8; cuda 1,16,32)")
     ap.add_argument("--workers", default=None, help="comma-separated loader workers (default 0,2; cuda 2)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -146,13 +148,15 @@ def main() -> None:
           f"(OMP_NUM_THREADS={args.threads}), loader workers 1 thread each; --precision auto resolves to {auto} "
           f"here (CPU avx512_bf16/AMX: {cpu_has_bf16()})")
     rows = []
-    for p in precisions:
-        for b in batches:
-            for w in workers:
-                r = run_child(tmp, weights, data, args.device, p, b, w, args.threads, f"{p}-b{b}-w{w}")
-                r.update(asked=p, batch=b, workers=w)
+    for rnd in range(args.rounds):  # round-robin: every row sees the same spread of machine load
+        for i, (p, b, w) in enumerate((p, b, w) for p in precisions for b in batches for w in workers):
+            r = run_child(tmp, weights, data, args.device, p, b, w, args.threads, f"{p}-b{b}-w{w}-r{rnd}")
+            r.update(asked=p, batch=b, workers=w, tag=f"{p}-b{b}-w{w}-r{rnd}")
+            if rnd == 0:
                 rows.append(r)
-                print(f"  measured {p} batch {b} workers {w}: {r['img_s']:.3f} img/s", flush=True)
+            elif r["img_s"] > rows[i]["img_s"]:  # best of the rounds
+                rows[i] = r
+            print(f"  round {rnd + 1}: {p} batch {b} workers {w}: {r['img_s']:.3f} img/s", flush=True)
     ref = next((r for r in rows if r["asked"] == "fp32" and r["batch"] == 1 and r["workers"] == 0), rows[0])
     head = f"{'precision':<10}{'batch':>6}{'workers':>8}{'img/s':>9}{'ratio':>8}{'peak RSS GB':>13}"
     if cuda:
@@ -165,7 +169,39 @@ def main() -> None:
         if cuda:
             line += f"{r['gpu_mem_gb']:>12.2f}"
         print(line)
-    print(f"ratio: images/s over {ref['asked']} batch {ref['batch']} workers {ref['workers']} (today's path)")
+    print(f"ratio: images/s over {ref['asked']} batch {ref['batch']} workers {ref['workers']} (today's path); "
+          f"best of {args.rounds} round(s)")
+    compare(tmp, rows, ref)
+
+
+def compare(tmp: Path, rows: list[dict], ref: dict) -> None:
+    """Records of every row against the reference run: identical bytes? argmax agreement?"""
+    import numpy as np
+
+    from clip_es.cam.store import load_cam
+
+    def records(tag):
+        return {f.name: f for f in sorted((tmp / tag / "cam").glob("*.npz"))}
+
+    base = records(ref["tag"])
+    for r in rows:
+        if r is ref:
+            continue
+        other = records(r["tag"])
+        same = all(base[k].read_bytes() == other[k].read_bytes() for k in base) and base.keys() == other.keys()
+        agree = {}
+        for kind in ("cam", "caa"):
+            eq = tot = 0
+            for k in base:
+                a, b = load_cam(base[k]), load_cam(other[k])
+                la = np.concatenate([(1 - getattr(a, kind).max(0))[None], getattr(a, kind)]).argmax(0)
+                lb = np.concatenate([(1 - getattr(b, kind).max(0))[None], getattr(b, kind)]).argmax(0)
+                eq += int((la == lb).sum())
+                tot += la.size
+            agree[kind] = 100 * eq / tot
+        print(f"{r['asked']:<6} batch {r['batch']} workers {r['workers']} vs reference: "
+              f"{'byte-identical' if same else 'differs'}; argmax agreement CAM {agree['cam']:.2f} %, "
+              f"CAA {agree['caa']:.2f} %")
 
 
 if __name__ == "__main__":
