@@ -12,7 +12,15 @@ below the cap are processed exactly as without it. Decoding is capped separately
 cap adds 0.83 GB to the process on CPU with the test-size CLIP (peak RSS 1.56 GB, of
 which 0.73 GB is importing torch; decoding the JPEG takes 0.46 GB, at most one decoded
 image is alive at a time); a larger CLIP adds its weights and activations at
-``max_side`` (see ``tests/test_reliability.py``, which asserts the bound).
+``max_side`` (see ``tests/test_reliability.py``, which asserts the bound). With
+``batch_size`` B and ``workers`` N, up to about ``4B`` preprocessed inputs wait for a
+batch and each loader worker holds a few decoded images ahead.
+
+Speed (``precision``, ``batch_size``, ``workers``, ``threads``; see ``docs/cam.md``).
+The frozen blocks may run under autocast; the last block, GradCAM and CAA never do.
+Images are grouped by working size into batches for the frozen blocks; records are
+written by a background thread (each write atomic, in order; the first write error
+stops the stage and is raised here).
 
 Failures. Per-image problems (:class:`~clip_es.errors.DatasetError`: unreadable image,
 bad label XML, bad GT when labels come from it; or out of memory on one image) are
@@ -47,7 +55,7 @@ from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
 from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids
-from clip_es.threads import resolve_threads, split_threads, use_threads
+from clip_es.threads import resolve_threads, use_threads
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -161,7 +169,7 @@ def preprocess(image: np.ndarray, scale: float, patch: int, mean, std, flip: boo
     """``(H, W, 3)`` uint8 -> ``(1, 3, h, w)`` normalised, at :func:`input_size`.
 
     Resized with PIL's bicubic filter on the uint8 image (as CLIP's own preprocessing and
-    the CLIP-ES release do; OpenCV's cubic kernel differs by up to 0.075 in the maps), then
+    the CLIP-ES release do; OpenCV's cubic kernel moves the maps by up to 0.054, see docs/cam.md), then
     scaled to [0, 1] and normalised with the model's mean/std in float32.
     """
     from PIL import Image
