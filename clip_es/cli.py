@@ -46,6 +46,9 @@ TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Promp
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for the computation (default: OMP_NUM_THREADS if "
+                                                  "set, else every CPU this process may use). On a machine shared "
+                                                  "with other jobs, fewer is often faster.")
 
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -197,6 +200,14 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "downscaled to this longer side for CLIP (maps stay at the original size); "
                                      "0 = no cap."),
         device: str = DeviceOpt,
+        precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward: auto "
+                                      "(bf16 on GPUs and CPUs that compute it natively: avx512_bf16 or AMX; "
+                                      "else fp32), fp32, bf16 or fp16. Gradients and CAA stay fp32/fp64."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks "
+                                       "(grouped by working size); fp32 maps are identical at any value."),
+        workers: int = typer.Option(0, "--workers", "-j", help="Data-loader processes decoding and resizing "
+                                    "images ahead (0: in this process)."),
+        threads: Optional[int] = ThreadsOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
         shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I."),
         force: bool = ForceOpt) -> None:
@@ -209,7 +220,8 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                     templates=_templates(template, templates), fusion=fusion, background=background,
                     scales=_floats(scales, "--scales"), flip=flip, softmax=not no_softmax, caa=not no_caa,
                     caa_threshold=caa_threshold, max_side=max_side or None, device=device, limit=limit,
-                    shard=_parse_shard(shard))
+                    shard=_parse_shard(shard), precision=precision, batch_size=batch_size, workers=workers,
+                    threads=threads)
     if force:
         cfg.validate()
         _force(out, "cam", shard)
@@ -258,12 +270,13 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for 
          seed: int = typer.Option(1, "--seed", help="Toy world seed."),
          train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Segmenter steps (default: "
                                                                                "the toy recipe's)."),
-         device: str = DeviceOpt) -> None:
+         device: str = DeviceOpt, threads: Optional[int] = ThreadsOpt) -> None:
     """The whole pipeline on the toy world with the bundled tiny CLIP (no network, no arguments needed):
     toy make -> cam -> refine -> train -> eval, then one table of mIoU per stage with timings."""
     from clip_es.demo import DemoConfig, run_demo
 
-    res = run_demo(DemoConfig(out=str(out), n=n, seed=seed, train_steps=train_steps, device=device), echo=typer.echo)
+    res = run_demo(DemoConfig(out=str(out), n=n, seed=seed, train_steps=train_steps, device=device,
+                                 threads=threads), echo=typer.echo)
     typer.echo("")
     typer.echo(res.table())
     typer.echo(f"\nlook at: {res.sheet} (clipes show contact sheet), per-class IoU: clipes eval --run {res.run}")
@@ -327,7 +340,10 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels): larger images "
                                         "are refined at this longer side and the masks scaled back (nearest) to "
                                         "the original size; 0 = no cap."),
-           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes (default: all cores)."),
+           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Processes, one thread each "
+                                                 "(default and maximum: the --threads budget)."),
+           threads: Optional[int] = typer.Option(None, "--threads", help="CPU thread budget (default: every CPU "
+                                                 "this process may use); worker processes never exceed it."),
            limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images with cam outputs."),
            shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
                                                             "(under torchrun: set from the rank)."),
@@ -341,7 +357,7 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
                        crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
                        save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
-                       shard=_parse_shard(shard))
+                       shard=_parse_shard(shard), threads=threads)
     if force:
         cfg.validate()
         _force(run, "refine", shard)
@@ -461,8 +477,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           resume: bool = typer.Option(False, "--resume", help="Continue from RUN/NAME/last.pt."),
           clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP to embed the classes "
                                                    "(default: the one the cam stage recorded)."),
-          clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file.")
-          ) -> None:
+          clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file."),
+          threads: Optional[int] = ThreadsOpt) -> None:
     """Train the lightweight segmenter (CNN + CLIP-text fusion) on the run's pseudo masks. Multi-process:
     torchrun --standalone --nproc_per_node N -m clip_es train --run-dir RUN ... (DDP; gloo on CPU, nccl on CUDA)."""
     from clip_es.train.loop import DistInfo, TrainConfig, train_segmenter
@@ -473,7 +489,7 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                       backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=0 if no_fusion else fusion_blocks,
                       device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
-                      scale_range=_pair(scale_range, "--scale-range"))
+                      scale_range=_pair(scale_range, "--scale-range"), threads=threads)
     res = train_segmenter(cfg)
     if DistInfo.from_env().main:
         typer.echo(res.summary())
@@ -508,7 +524,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
                                                           "file."),
             overlay: bool = typer.Option(False, "--overlay", help="Also write OUT/<id>.overlay.jpg: the image with "
-                                         "the predicted classes' colours blended over it.")) -> None:
+                                         "the predicted classes' colours blended over it."),
+            threads: Optional[int] = ThreadsOpt) -> None:
     """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
     OUT/classes.txt). Resumable."""
     from clip_es.train.segment import SegmentConfig, segment as run_segment
@@ -517,7 +534,7 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
                         clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,
-                        overlay=overlay)
+                        overlay=overlay, threads=threads)
     _finish_stage(run_segment(cfg))
 
 

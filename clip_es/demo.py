@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_es.errors import ConfigError
+from clip_es.threads import threads_from_config
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class DemoConfig:
         seed: toy world seed.
         train_steps: segmenter steps (``None`` = the recipe's).
         device: ``cpu``, ``cuda`` or ``auto``.
+        threads: CPU thread budget of every stage (``None``: see :func:`clip_es.threads.default_threads`).
     """
 
     out: str = "demo"
@@ -49,6 +51,7 @@ class DemoConfig:
     seed: int = 1
     train_steps: int | None = None
     device: str = "auto"
+    threads: int | None = None
 
 
 @dataclass
@@ -95,6 +98,7 @@ def _toy_ready(root: Path, n: int) -> bool:
     return split.is_file() and len(split.read_text().split()) == n
 
 
+@threads_from_config
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True, echo=print) -> DemoResult:
     """Run the demo end to end (resumable: finished work in ``cfg.out`` is reused)."""
     from clip_es.data.toy import make_toy

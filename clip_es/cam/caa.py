@@ -31,18 +31,27 @@ def balance_affinity(attn: torch.Tensor, iters: int = 3) -> torch.Tensor:
 def box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
     """Union of the filled bounding boxes of every contour of the thresholded CAM.
 
+    A pixel belongs when ``cam >= threshold * cam.max()`` on the float map (compared in
+    float64; no uint8 quantisation, which would move a 0.4 cut to 0.4039). A map whose
+    maximum is not positive passes no pixel.
+
+    Boxes are inclusive of their last row and column, also for objects touching the right
+    or bottom border (the CLIP-ES release clips the end to ``width - 1`` / ``height - 1``
+    and so drops that row/column; see ``docs/cam.md`` for the measured effect).
+
     Args:
         cam: ``(h, w)`` map in [0, 1].
-        threshold: keep pixels strictly above ``int(threshold * max)`` of the uint8 map.
+        threshold: fraction of the map's maximum a pixel must reach.
 
     Returns:
-        ``(h, w)`` uint8 in {0, 1}; boxes include their last row and column.
+        ``(h, w)`` uint8 in {0, 1}.
     """
-    q = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
-    binary = (q > int(threshold * int(q.max()))).astype(np.uint8)
-    out = np.zeros_like(binary)
-    if not binary.any():
+    cam = np.asarray(cam, np.float64)
+    peak = float(cam.max()) if cam.size else 0.0
+    out = np.zeros(cam.shape, np.uint8)
+    if not peak > 0:
         return out
+    binary = (cam >= threshold * peak).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
@@ -59,15 +68,16 @@ def caa_refine(cams: torch.Tensor, trans: torch.Tensor, threshold: float = 0.4) 
         threshold: box threshold (VOC 0.4; CLIP-ES used 0.7 for COCO).
 
     Returns:
-        ``(K, h, w)`` min-max normalised; all zero for a class whose CAM passes no pixel.
+        ``(K, h, w)`` min-max normalised, in ``cams``' dtype; all zero for a class whose CAM
+        passes no pixel. The product and the min-max run in float64 (``trans`` is promoted
+        if given in a lower precision): on near-flat maps float32 drifts by up to 6e-3.
     """
     k, h, w = cams.shape
-    out = torch.zeros_like(cams)
-    cams_np = cams.detach().cpu().float().numpy()
-    for i in range(k):
-        m = torch.from_numpy(box_mask(cams_np[i], threshold)).to(cams.device, trans.dtype).reshape(-1)
-        if not bool(m.any()):
-            continue
-        refined = (trans * m[None, :]) @ cams[i].reshape(-1).to(trans.dtype)
-        out[i] = refined.reshape(h, w).to(cams.dtype)
-    return minmax(out) if k else out
+    if k == 0:
+        return torch.zeros_like(cams)
+    cams_np = cams.detach().cpu().double().numpy()
+    masks = torch.from_numpy(np.stack([box_mask(c, threshold) for c in cams_np])).to(cams.device, torch.float64)
+    # zeroing T's columns outside the boxes == zeroing the CAM there (exact: a 0/1 factor)
+    src = (cams.detach().double() * masks).reshape(k, h * w)
+    refined = (trans.double() @ src.t()).t().reshape(k, h, w)
+    return minmax(refined).to(cams.dtype)

@@ -12,7 +12,15 @@ below the cap are processed exactly as without it. Decoding is capped separately
 cap adds 0.83 GB to the process on CPU with the test-size CLIP (peak RSS 1.56 GB, of
 which 0.73 GB is importing torch; decoding the JPEG takes 0.46 GB, at most one decoded
 image is alive at a time); a larger CLIP adds its weights and activations at
-``max_side`` (see ``tests/test_reliability.py``, which asserts the bound).
+``max_side`` (see ``tests/test_reliability.py``, which asserts the bound). With
+``batch_size`` B and ``workers`` N, up to about ``4B`` preprocessed inputs wait for a
+batch and each loader worker holds a few decoded images ahead.
+
+Speed (``precision``, ``batch_size``, ``workers``, ``threads``; see ``docs/cam.md``).
+The frozen blocks may run under autocast; the last block, GradCAM and CAA never do.
+Images are grouped by working size into batches for the frozen blocks; records are
+written by a background thread (each write atomic, in order; the first write error
+stops the stage and is raised here).
 
 Failures. Per-image problems (:class:`~clip_es.errors.DatasetError`: unreadable image,
 bad label XML, bad GT when labels come from it; or out of memory on one image) are
@@ -25,11 +33,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+import queue
+import threading
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -41,10 +50,12 @@ from clip_es.data.base import ClassSpec
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
+from clip_es.model.precision import PRECISIONS, autocast, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
 from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids
+from clip_es.threads import resolve_threads, use_threads
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -77,8 +88,18 @@ class CamConfig:
             original size); ``None`` = no cap (native size; memory grows with the 4th
             power of the side).
         device: ``cpu``, ``cuda`` or ``auto``.
+        precision: the frozen forward's precision: ``auto`` (bf16 where the device computes
+            it natively, else fp32; see :mod:`clip_es.model.precision`), ``fp32``, ``bf16`` or
+            ``fp16``. The last block, the gradients and CAA always run in fp32/fp64. The
+            resolved value is recorded in the manifest.
         limit: only the first ``limit`` images of the split.
         shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
+        batch_size: images per forward of the frozen blocks (grouped by working size; the
+            last block and GradCAM run per image). fp32 outputs are byte-identical at any value.
+        workers: data-loader processes decoding and preprocessing images ahead (0 = in
+            this process). Records are written by a background thread either way.
+        threads: CPU threads for the computation; ``None`` = ``OMP_NUM_THREADS`` if set,
+            else every CPU this process may use (see :mod:`clip_es.threads`).
     """
 
     dataset: str
@@ -104,6 +125,10 @@ class CamConfig:
     device: str = "auto"
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
+    precision: str = "auto"
+    batch_size: int = 1
+    workers: int = 0
+    threads: int | None = None
 
     def validate(self) -> "CamConfig":
         check_templates(self.templates)
@@ -123,18 +148,66 @@ class CamConfig:
         if self.max_side is not None and self.max_side < 1:
             raise ConfigError(f"--max-side must be a positive number of pixels (0 on the command line: no cap), "
                               f"got {self.max_side}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        resolve_threads(self.threads)
         return self
 
 
+#: CamConfig fields that do not change the outputs (left out of the manifest's parameters).
+_RUNTIME_FIELDS = ("out", "device", "limit", "shard", "root", "batch_size", "workers", "threads")
+
+
+def input_size(size: tuple[int, int], scale: float, patch: int) -> tuple[int, int]:
+    """The model input ``(h, w)`` for an image of ``size = (H, W)``: ``ceil(side * scale / patch) * patch``."""
+    H, W = size
+    return max(1, math.ceil(H * scale / patch)) * patch, max(1, math.ceil(W * scale / patch)) * patch
+
+
 def preprocess(image: np.ndarray, scale: float, patch: int, mean, std, flip: bool = False) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ``(1, 3, h*p, w*p)`` normalised, bicubic to the patch-multiple size."""
-    H, W = image.shape[:2]
-    h = max(1, math.ceil(scale * H / patch)) * patch
-    w = max(1, math.ceil(scale * W / patch)) * patch
-    img = image[:, ::-1] if flip else image
-    x = cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0
+    """``(H, W, 3)`` uint8 -> ``(1, 3, h, w)`` normalised, at :func:`input_size`.
+
+    Resized with PIL's bicubic filter on the uint8 image (as CLIP's own preprocessing and
+    the CLIP-ES release do; OpenCV's cubic kernel moves the maps by up to 0.054, see docs/cam.md), then
+    scaled to [0, 1] and normalised with the model's mean/std in float32.
+    """
+    from PIL import Image
+
+    h, w = input_size(image.shape[:2], scale, patch)
+    img = np.ascontiguousarray(image[:, ::-1] if flip else image)
+    x = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+
+
+@dataclass
+class Prepared:
+    """One image decoded, downscaled to its working size and preprocessed (a data-loader item).
+
+    Attributes:
+        id: image id.
+        keys: 0-based class indices (the targets).
+        size: original ``(H, W)`` (what the record stores).
+        work: working ``(H', W')`` (the original unless above ``max_side``).
+        views: one ``(1, 3, h, w)`` normalised input per (scale, flip) view.
+        error: per-image failure reason; then the other fields are empty.
+    """
+
+    id: str
+    keys: list[int] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)
+    work: tuple[int, int] = (0, 0)
+    views: list[torch.Tensor] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def bucket(self) -> tuple:
+        """Images with the same bucket key can share a batched forward."""
+        return self.work, tuple(tuple(v.shape) for v in self.views)
 
 
 @dataclass
@@ -146,26 +219,39 @@ class CamEngine:
         class_text: ``(C, D)`` embeddings of all dataset classes.
         bg_text: ``(B, D)`` embeddings of the background words.
         cfg: stage parameters.
+        precision: resolved precision of the frozen forward (``fp32``, ``bf16`` or ``fp16``).
     """
 
     clip: ClipModel
     class_text: torch.Tensor
     bg_text: torch.Tensor
     cfg: CamConfig
+    precision: str = "fp32"
+
+    def _views(self) -> list[tuple[float, bool]]:
+        return [(s, f) for s in self.cfg.scales for f in ((False, True) if self.cfg.flip else (False,))]
 
     @torch.no_grad()
-    def _one_view(self, x: torch.Tensor, keys: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_view(self, x: torch.Tensor, keys: list[list[int]], mode: str
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Frozen blocks on the batch ``x`` ``(B, 3, h, w)`` at once; the last block, GradCAM and CAA per image."""
         cfg = self.cfg
         visual = self.clip.visual
-        d = dense_forward(visual, x.to(self.clip.device), attn_blocks=cfg.caa_blocks if cfg.caa else 0)
-        text = torch.cat([self.class_text[keys], self.bg_text], 0)
-        g = softmax_gradcam(visual, d.penultimate, d.grid, text, len(keys), self.clip.logit_scale,
-                            pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode)
-        if not cfg.caa or not keys:
-            return g.cam, g.cam.clone()
-        aff = (d.attn_sum[0] + g.attn_last) / (d.attn_count + 1) if d.attn_sum is not None else g.attn_last
-        trans = balance_affinity(aff, cfg.sinkhorn_iters)
-        return g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)
+        with autocast(self.precision, self.clip.device):
+            d = dense_forward(visual, x.to(self.clip.device), attn_blocks=cfg.caa_blocks if cfg.caa else 0)
+        out = []
+        for i, k in enumerate(keys):
+            text = torch.cat([self.class_text[k], self.bg_text], 0)
+            g = softmax_gradcam(visual, d.penultimate[i:i + 1].float(), d.grid, text, len(k), self.clip.logit_scale,
+                                pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode)
+            if not cfg.caa or not k:
+                out.append((g.cam, g.cam.clone()))
+                continue
+            last = g.attn_last.double()
+            aff = (d.attn_sum[i].double() + last) / (d.attn_count + 1) if d.attn_sum is not None else last
+            trans = balance_affinity(aff, cfg.sinkhorn_iters)  # float64
+            out.append((g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)))
+        return out
 
     def working_image(self, image: np.ndarray) -> np.ndarray:
         """``image`` itself, or an area-downscaled copy whose longer side is ``cfg.max_side``.
@@ -174,52 +260,74 @@ class CamEngine:
         """
         return fit_image(image, self.cfg.max_side)
 
+    def preparer(self) -> "_Preparer":
+        """The decode-side work (working size, resize, normalise), picklable for loader workers."""
+        c = self.clip
+        return _Preparer(self.cfg.max_side, tuple(self._views()), c.patch_size, tuple(c.mean), tuple(c.std))
+
+    def prepare(self, image: np.ndarray, image_id: str = "", keys=(), size: tuple[int, int] | None = None
+                ) -> Prepared:
+        """Working image and the model input of every view (what data-loader workers compute ahead)."""
+        return self.preparer()(image, image_id, keys, size)
+
+    def compute_batch(self, items: list[Prepared], mode: str = "batched") -> list[tuple[np.ndarray, np.ndarray]]:
+        """Maps for images of one bucket (same working size), frozen blocks batched.
+
+        Returns:
+            Per image ``(cam, caa)``, each ``(K, h, w)`` at the patch grid for a single
+            unflipped scale, else ``(K, H', W')`` averaged over views at the working size.
+            In fp32 the outputs do not depend on how the images are batched.
+        """
+        if len({it.bucket for it in items}) > 1:
+            raise ValueError("compute_batch needs images of one working size; group them by Prepared.bucket")
+        keys = [it.keys for it in items]
+        views = self._views()
+        if len(views) == 1:
+            res = self._batch_view(torch.cat([it.views[0] for it in items]), keys, mode)
+            return [(c.cpu().numpy(), a.cpu().numpy()) for c, a in res]
+        H, W = items[0].work
+        acc = [(np.zeros((len(k), H, W), np.float32), np.zeros((len(k), H, W), np.float32)) for k in keys]
+        for j, (_, f) in enumerate(views):
+            res = self._batch_view(torch.cat([it.views[j] for it in items]), keys, mode)
+            for (acc_cam, acc_caa), (cam, caa) in zip(acc, res):
+                cam, caa = upsample(cam.cpu().numpy(), (H, W)), upsample(caa.cpu().numpy(), (H, W))
+                if f:
+                    cam, caa = cam[:, :, ::-1], caa[:, :, ::-1]
+                acc_cam += cam
+                acc_caa += caa
+        return [(c / len(views), a / len(views)) for c, a in acc]
+
     def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Maps for one image.
+        """Maps for one image (see :meth:`compute_batch`).
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB.
             keys: 0-based class indices (the targets).
-
-        Returns:
-            ``(cam, caa)``, each ``(K, h, w)`` at the patch grid for a single
-            unflipped scale, else ``(K, H', W')`` averaged over views, where ``(H', W')``
-            is the working size (``(H, W)`` unless the image exceeds ``cfg.max_side``).
         """
-        image = self.working_image(image)
-        H, W = image.shape[:2]
-        views = [(s, f) for s in self.cfg.scales for f in ((False, True) if self.cfg.flip else (False,))]
-        p = self.clip.patch_size
-        if len(views) == 1:
-            s, _ = views[0]
-            cam, caa = self._one_view(preprocess(image, s, p, self.clip.mean, self.clip.std), keys, mode)
-            return cam.cpu().numpy(), caa.cpu().numpy()
-        acc_cam = np.zeros((len(keys), H, W), np.float32)
-        acc_caa = np.zeros_like(acc_cam)
-        for s, f in views:
-            cam, caa = self._one_view(preprocess(image, s, p, self.clip.mean, self.clip.std, f), keys, mode)
-            cam, caa = upsample(cam.cpu().numpy(), (H, W)), upsample(caa.cpu().numpy(), (H, W))
-            if f:
-                cam, caa = cam[:, :, ::-1], caa[:, :, ::-1]
-            acc_cam += cam
-            acc_caa += caa
-        return acc_cam / len(views), acc_caa / len(views)
+        return self.compute_batch([self.prepare(image, keys=keys)], mode)[0]
 
 
 def build_engine(cfg: CamConfig, classes: list[ClassSpec], clip: ClipModel | None = None) -> CamEngine:
-    """Load the CLIP (unless given) and embed classes and background words once."""
+    """Load the CLIP (unless given), resolve the precision, embed classes and background words once."""
     clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
     bg = background_words(cfg.background or "none")
     return CamEngine(clip, class_embeddings(clip, classes, cfg.templates, cfg.fusion),
-                     background_embeddings(clip, bg, cfg.templates), cfg)
+                     background_embeddings(clip, bg, cfg.templates), cfg,
+                     resolve_precision(cfg.precision, str(clip.device)))
 
 
-def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec]) -> dict[str, Any]:
-    """The parameters that decide the outputs (hashed into the manifest)."""
-    p = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "limit", "shard", "root")}
+def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec], precision: str | None = None
+                 ) -> dict[str, Any]:
+    """The parameters that decide the outputs (hashed into the manifest).
+
+    ``precision`` is the resolved one (``auto`` never reaches the manifest); batch size,
+    workers and threads are left out like device, limit and shard.
+    """
+    p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
     if p.get("ann_file") is None:  # runs made before --ann-file existed keep their hash
         p.pop("ann_file", None)
+    p["precision"] = precision or resolve_precision(cfg.precision, str(clip.device))
     p["model"] = clip.describe()
     p["background_words"] = background_words(cfg.background or "none")
     p["classes"] = [[c.name, *c.synonyms] for c in classes]
@@ -230,6 +338,11 @@ def stage_params(cfg: CamConfig, clip: ClipModel, classes: list[ClassSpec]) -> d
 
 def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool = True) -> StageResult:
     """Run the cam stage (resumable). The Python-API twin of ``clipes cam``.
+
+    Images are decoded and preprocessed ahead (in ``cfg.workers`` data-loader processes,
+    or inline), grouped by working size into batches of ``cfg.batch_size`` for the frozen
+    forward, and their records are written by a background thread (atomically, as
+    before); a write error stops the stage at once, with the records already written kept.
 
     Returns:
         A :class:`StageResult`; per-image failures are listed, not raised.
@@ -243,41 +356,40 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split, cfg.class_file, **dataset_options(cfg))
     all_ids = ds.ids()  # a malformed labels/split file fails here, before the run folder is touched
     run = RunDir(cfg.out)
-    precheck_run(cfg, run, ds.classes)  # refusals that need no model come before its (slow) load
-    engine = build_engine(cfg, ds.classes, clip)
-    run.ensure()
-    top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
-                        "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None,
-                        **dataset_options(cfg)},
-               classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
-               model=engine.clip.describe())
-    out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes), top=top)
-    shard = dist_shard(cfg.shard)
-    ids = select_ids(all_ids, cfg.limit, shard)
-    res = StageResult(STAGE, str(run.path))
-    done_ids: list[str] = []
-    bar = tqdm(ids, desc=f"cam {shard[0]}/{shard[1]}" if shard[1] > 1 else "cam", unit="img",
-               disable=not progress)
-    try:
-        for image_id in bar:
-            path = out / f"{image_id}.npz"
-            if path.exists() and is_valid_cam(path):
-                res.skipped += 1
-                continue
-            reason = _cam_one(engine, ds, image_id, path)
-            if reason is not None:  # per-image: record and go on
-                res.failed[image_id] = reason
-                log.warning("%s", reason)
-                continue
-            res.done += 1
-            done_ids.append(image_id)
-    finally:
-        bar.close()
+    precheck_run(cfg, run, ds.classes, clip)  # refusals that need no model come before its (slow) load
+    with use_threads(cfg.threads) as threads:
+        engine = build_engine(cfg, ds.classes, clip)
+        run.ensure()
+        top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
+                            "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None,
+                            **dataset_options(cfg)},
+                   classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
+                   model=engine.clip.describe())
+        out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes, engine.precision), top=top)
+        log.info("cam: precision %s (asked: %s), batch size %d, %d loader worker(s), %d thread(s)",
+                 engine.precision, cfg.precision, cfg.batch_size, cfg.workers, threads)
+        shard = dist_shard(cfg.shard)
+        ids = select_ids(all_ids, cfg.limit, shard)
+        res = StageResult(STAGE, str(run.path))
+        done_ids: list[str] = []
+        bar = tqdm(total=len(ids), desc=f"cam {shard[0]}/{shard[1]}" if shard[1] > 1 else "cam", unit="img",
+                   disable=not progress)
+        try:
+            todo = []
+            for image_id in ids:
+                path = out / f"{image_id}.npz"
+                if path.exists() and is_valid_cam(path):
+                    res.skipped += 1
+                    bar.update(1)
+                else:
+                    todo.append(image_id)
+            _run_images(engine, ds, todo, out, res, done_ids, bar)
+        finally:
+            bar.close()
     expected = select_ids(all_ids, cfg.limit, (0, 1))
     run.record(STAGE, failed=res.failed, done=done_ids,
                status=lambda st: completion_status(st, out, ".npz", expected))
     return res
-
 
 
 def dataset_options(cfg: CamConfig) -> dict[str, str]:
@@ -296,36 +408,197 @@ class _ModelNotLoaded:
         return None
 
 
-def precheck_run(cfg: CamConfig, run: RunDir, classes: list[ClassSpec]) -> None:
+def precheck_run(cfg: CamConfig, run: RunDir, classes: list[ClassSpec], clip: ClipModel | None = None) -> None:
     """Refuse, before the model load and writing nothing, a run folder that cannot be written or
     whose cam stage ran with other parameters (every parameter but the model, which
     :meth:`RunDir.begin_stage` compares once it is loaded)."""
     run.check_writable()
-    run.check_params(STAGE, stage_params(cfg, _ModelNotLoaded(), classes), ignore=("model",))
+    if clip is not None:
+        device = str(clip.device)
+    else:
+        device = resolve_device(cfg.device)
+    params = stage_params(cfg, _ModelNotLoaded(), classes, resolve_precision(cfg.precision, device))
+    run.check_params(STAGE, params, ignore=("model",))
 
 
-def _cam_one(engine: CamEngine, ds, image_id: str, path: Path) -> str | None:
-    """Compute and write one record; ``None`` on success, else the per-image failure reason.
+@dataclass(frozen=True)
+class _Preparer:
+    """Decode-side work of one image, picklable for data-loader workers (no model inside)."""
+
+    max_side: int | None
+    views: tuple[tuple[float, bool], ...]
+    patch: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: np.ndarray, image_id: str = "", keys=(), size: tuple[int, int] | None = None
+                 ) -> Prepared:
+        size = size or image.shape[:2]
+        image = fit_image(image, self.max_side)
+        views = [preprocess(image, s, self.patch, self.mean, self.std, f) for s, f in self.views]
+        return Prepared(image_id, list(keys), tuple(size), tuple(image.shape[:2]), views)
+
+    def load(self, ds, image_id: str) -> Prepared:
+        """Read, downscale and preprocess one image; a per-image problem becomes ``Prepared.error``."""
+        try:
+            keys = list(ds.labels(image_id))
+            image = ds.load_image(image_id)
+            size = image.shape[:2]
+            image = fit_image(image, self.max_side)  # the full-size decode is freed before preprocessing
+            return self(image, image_id, keys, size)
+        except DatasetError as e:  # unreadable image, bad label XML, bad GT the labels come from
+            return Prepared(image_id, error=str(e))
+        except OSError as e:  # an input file that cannot be opened (permissions, I/O error)
+            return Prepared(image_id, error=f"{image_id}: cannot read its files ({e})")
+        except MemoryError as e:
+            return Prepared(image_id, error=_oom_reason(image_id, e, self.max_side))
+
+
+def _oom_reason(image_id: str, e: BaseException, max_side: int | None) -> str:
+    return f"{image_id}: out of memory ({type(e).__name__}); lower --max-side (now {max_side}) or --scales"
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """``Prepared`` items of ``ids`` in order, for a ``DataLoader`` (``batch_size=None``)."""
+
+    def __init__(self, ds, ids: list[str], prep: _Preparer):
+        self.ds, self.ids, self.prep = ds, ids, prep
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Prepared:
+        return self.prep.load(self.ds, self.ids[i])
+
+
+def _init_loader_worker(_worker_id: int) -> None:
+    """Loader workers decode and resize: one torch and one OpenCV thread each."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _inputs(engine: CamEngine, ds, ids: list[str]):
+    """Prepared images in ``ids`` order: inline, or from ``cfg.workers`` spawned loader processes.
+
+    Spawned, not forked: a forked child inherits OpenCV's/torch's thread pools in a broken
+    state once the parent has used them (see :func:`clip_es.refine.run._mp_context`).
+    """
+    prep = engine.preparer()
+    if engine.cfg.workers == 0 or len(ids) <= 1:
+        for image_id in ids:
+            yield prep.load(ds, image_id)
+        return
+    workers = min(engine.cfg.workers, len(ids))
+    loader = torch.utils.data.DataLoader(_Inputs(ds, ids, prep), batch_size=None, shuffle=False,
+                                         num_workers=workers, multiprocessing_context="spawn",
+                                         worker_init_fn=_init_loader_worker,
+                                         prefetch_factor=max(2, 2 * engine.cfg.batch_size // workers + 1))
+    yield from loader
+
+
+class _Writer:
+    """Writes records on a background thread, in order; the first error stops all later writes.
+
+    Each write is :func:`save_cam` (atomic: a temp file renamed into place), so a record
+    is whole or absent whatever happens. :meth:`put` and :meth:`close` re-raise a write
+    error in the caller's thread.
+    """
+
+    def __init__(self, on_written, depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=max(2, depth))
+        self._on_written = on_written
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="clipes-cam-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing
+            path, image_id, keys, cam, caa, size = job
+            try:
+                save_cam(path, keys, cam, caa, size)
+                self._on_written(image_id)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, path: Path, image_id: str, keys, cam, caa, size) -> None:
+        self.check()
+        self._q.put((path, image_id, keys, cam, caa, size))
+
+    def close(self, check: bool = True) -> None:
+        """Write what is queued (unless a write failed), stop the thread; re-raise its error."""
+        self._q.put(None)
+        self._thread.join()
+        if check:
+            self.check()
+
+
+def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResult, done_ids: list[str],
+                bar) -> None:
+    """Compute and write every image of ``ids``; per-image failures go to ``res.failed``.
 
     Raises:
-        OutputWriteError: the record cannot be written (fatal for the stage).
+        OutputWriteError: a record cannot be written (fatal for the stage).
     """
-    try:
-        keys = list(ds.labels(image_id))
-        image = ds.load_image(image_id)
-        size = image.shape[:2]
-        image = engine.working_image(image)  # the full-size decode is freed before the forward
-        cam, caa = engine.compute(image, keys)
-        del image
-    except DatasetError as e:  # unreadable image, bad label XML, bad GT the labels come from
-        return str(e)
-    except OSError as e:  # an input file that cannot be opened (permissions, I/O error)
-        return f"{image_id}: cannot read its files ({e})"
-    except (MemoryError, torch.cuda.OutOfMemoryError) as e:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return (f"{image_id}: out of memory ({type(e).__name__}); lower --max-side "
-                f"(now {engine.cfg.max_side}) or --scales")
-    save_cam(path, keys, cam, caa, size)
-    return None
+    batch_size = engine.cfg.batch_size
+    lock = threading.Lock()
 
+    def written(image_id: str) -> None:
+        with lock:
+            res.done += 1
+            done_ids.append(image_id)
+            bar.update(1)
+
+    def fail(image_id: str, reason: str) -> None:
+        with lock:
+            res.failed[image_id] = reason
+            bar.update(1)
+        log.warning("%s", reason)
+
+    writer = _Writer(written, depth=2 * batch_size)
+
+    def run(batch: list[Prepared]) -> None:
+        try:
+            maps = engine.compute_batch(batch)
+        except (MemoryError, torch.cuda.OutOfMemoryError) as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) > 1:  # retry one by one: only the image that does not fit fails
+                for it in batch:
+                    run([it])
+                return
+            fail(batch[0].id, _oom_reason(batch[0].id, e, engine.cfg.max_side))
+            return
+        for it, (cam, caa) in zip(batch, maps):
+            writer.put(out / f"{it.id}.npz", it.id, it.keys, cam, caa, it.size)
+
+    buckets: dict[tuple, list[Prepared]] = {}
+    max_pending = 4 * batch_size  # bounds memory when sizes vary (COCO): flush the fullest bucket
+    try:
+        for item in _inputs(engine, ds, ids):
+            if item.error is not None:  # per-image: record and go on
+                fail(item.id, item.error)
+                continue
+            bucket = buckets.setdefault(item.bucket, [])
+            bucket.append(item)
+            if len(bucket) >= batch_size:
+                run(buckets.pop(item.bucket))
+            elif sum(len(b) for b in buckets.values()) > max_pending:
+                run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+            writer.check()
+        for key in list(buckets):
+            run(buckets.pop(key))
+    except BaseException:
+        writer.close(check=False)
+        raise
+    writer.close()

@@ -114,8 +114,8 @@ def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool =
         scores = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
         if attn_mask is not None:
             scores = scores + attn_mask
-        probs = scores.softmax(-1)
-        out = probs @ v
+        probs = scores.float().softmax(-1)  # fp32 under autocast too (no-op casts in fp32)
+        out = probs.to(v.dtype) @ v
         avg = probs.mean(1)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -154,7 +154,7 @@ def dense_forward(visual: nn.Module, images: torch.Tensor, attn_blocks: int = 8)
         want = attn_blocks > 0 and i >= first_attn
         x, _, probs = block_forward(blk, x, need_weights=want)
         if want:
-            patch = probs[:, 1:, 1:]
+            patch = probs[:, 1:, 1:].float()  # accumulated in fp32 under autocast too
             attn_sum = patch.clone() if attn_sum is None else attn_sum + patch
             count += 1
     return DenseOutput(x, attn_sum, count, grid)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from clip_es.refine.store import CONF, CRF, MASKS, STAGE, is_valid_png, refine_d
 from clip_es.rundir import OutputWriteError, RunDir, atomic_write_bytes
 from clip_es.scoring import scores_to_labels
 from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, select_ids, working_size
+from clip_es.threads import process_budget, resolve_threads, threads_from_config
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,12 @@ class RefineConfig:
         save_conf: also write ``RUN/refine/conf/<id>.png`` (uint8 ``round(conf * 255)``).
         max_side: working-resolution cap in pixels (see the module doc); ``None`` = refine at
             the original size whatever it is.
-        workers: processes; ``None`` = every core this process may use; 1 = no pool.
+        workers: processes; ``None`` = the thread budget; 1 = no pool. Each worker runs one
+            thread, so ``workers`` is capped at the budget.
         limit: only the first ``limit`` images (in dataset order) that have cam outputs.
         shard: ``(i, n)``: refine images ``i, i+n, ...`` of those (``torchrun`` sets it from the rank).
+        threads: CPU thread budget (``None``: every CPU this process may use; see
+            :func:`clip_es.threads.process_budget`); ``workers * 1 thread`` never exceeds it.
     """
 
     run: str
@@ -89,6 +92,7 @@ class RefineConfig:
     workers: int | None = None
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
+    threads: int | None = None
 
     def validate(self) -> "RefineConfig":
         if not 0.0 <= self.conf <= 1.0:
@@ -107,16 +111,16 @@ class RefineConfig:
         if self.save_conf and not self.crf:
             raise ConfigError("--save-conf needs the CRF (confidence is max_c Q_c); drop --no-crf or --save-conf")
         self.crf_params.validate()
+        resolve_threads(self.threads)
         return self
 
     def resolved_workers(self) -> int:
-        """``workers``, or the number of usable cores when ``None``."""
-        if self.workers is not None:
-            return self.workers
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
+        """``workers``, or the thread budget when ``None``; never more than the budget."""
+        budget = process_budget(self.threads)
+        if self.workers is not None and self.workers > budget:
+            log.warning("--workers %d is more than the %d-thread budget (--threads); using %d worker processes",
+                        self.workers, budget, budget)
+        return max(1, min(self.workers if self.workers is not None else budget, budget))
 
 
 def stage_params(cfg: RefineConfig, cam_hash: str | None) -> dict[str, Any]:
@@ -317,6 +321,7 @@ def _chunks(items: list, workers: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+@threads_from_config
 def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
     """Run the refine stage (resumable, parallel). The Python-API twin of ``clipes refine``.
 

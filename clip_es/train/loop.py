@@ -43,6 +43,7 @@ from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # 
 from clip_es.train.losses import get_loss
 from clip_es.train.model import SegmenterArch, backbone_norm, build_segmenter, count_parameters
 from clip_es.train.text import cached_text
+from clip_es.threads import threads_from_config
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class TrainConfig:
         resume: continue from ``last.pt`` (required when it exists).
         clip_model, clip_pretrained: override for the CLIP that embeds the classes (default:
             the one recorded by the run's cam stage).
+        threads: CPU threads per process (``None``: see :func:`clip_es.threads.default_threads`).
     """
 
     run: str
@@ -102,6 +104,7 @@ class TrainConfig:
     resume: bool = False
     clip_model: str | None = None
     clip_pretrained: str | None = None
+    threads: int | None = None
 
     def validate(self) -> "TrainConfig":
         get_loss(self.loss)
@@ -131,7 +134,8 @@ class TrainConfig:
 
 
 #: Fields that do not change what is trained (left out of the manifest hash).
-_RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_every", "clip_model", "clip_pretrained")
+_RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_every", "clip_model", "clip_pretrained",
+                   "threads")
 
 
 def stage_params(cfg: TrainConfig) -> dict[str, Any]:
@@ -205,6 +209,7 @@ def _write_log(path: Path, rows: list[list]) -> None:
 
 
 # ----------------------------------------------------------------------------- the stage
+@threads_from_config
 def train_segmenter(cfg: TrainConfig, progress: bool = True,
                     on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train (or resume training) the segmenter of a run. The Python twin of ``clipes train``.

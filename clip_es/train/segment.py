@@ -32,6 +32,7 @@ from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
 from clip_es.stage import StageResult, fit_image, resolve_device
+from clip_es.threads import threads_from_config
 from clip_es.train.checkpoint import load_checkpoint
 from clip_es.train.model import STRIDE, Segmenter, SegmenterArch
 from clip_es.train.text import lists_to_specs, specs_to_lists, text_for_classes
@@ -161,6 +162,7 @@ class SegmentConfig:
         overlay: also write ``OUT/<id>.overlay.jpg``: the image with the predicted label
             colours blended over it and region outlines (display colours, see
             :func:`~clip_es.draw.display_palette`; the PNG masks keep the VOC palette).
+        threads: CPU threads (``None``: see :func:`clip_es.threads.default_threads`).
     """
 
     checkpoint: str
@@ -177,6 +179,7 @@ class SegmentConfig:
     clip_pretrained: str | None = None
     max_side: int | None = MAX_SIDE
     overlay: bool = False
+    threads: int | None = None
 
     def validate(self) -> "SegmentConfig":
         if (self.images is None) == (self.dataset is None):
@@ -225,6 +228,7 @@ def _sources(cfg: SegmentConfig) -> Iterator[tuple[str, Any]]:
         yield image_id, (lambda i=image_id: ds.load_image(i))
 
 
+@threads_from_config
 def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     """Predict every image and write ``OUT/<id>.png`` (VOC palette). Resumable.
 
