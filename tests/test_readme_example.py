@@ -49,9 +49,9 @@ def mydata(tmp_path_factory, toy_root) -> Path:
 def _adapt(code: str, clip: Path) -> str:
     assert 'model="ViT-B-16", pretrained="openai"' in code
     code = code.replace('model="ViT-B-16", pretrained="openai"', f'model={str(clip)!r}, device="cpu"')
-    # two workers whatever the machine's core count, so the spawn pool is really used
+    # two workers (and a two-thread budget, which caps them) whatever the machine, so the spawn pool is really used
     assert 'RefineConfig(run="runs/mine")' in code
-    return code.replace('RefineConfig(run="runs/mine")', 'RefineConfig(run="runs/mine", workers=2)')
+    return code.replace('RefineConfig(run="runs/mine")', 'RefineConfig(run="runs/mine", workers=2, threads=2)')
 
 
 def _run_script(folder: Path, code: str) -> subprocess.CompletedProcess:
