@@ -5,6 +5,9 @@ Nothing here touches the network; everything is seeded.
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,20 @@ def run_cli(argv: list[str]) -> int:
         return int(e.code or 0)
     return 0
 
+
+
+def make_read_only(folders: list[Path], root: Path, monkeypatch) -> None:
+    """Make ``folders`` unwritable: by file mode, or (as root, which ignores modes: CI
+    containers) by making every temp file under ``root`` fail as a read-only file system would."""
+    if os.geteuid() != 0:
+        for d in folders:
+            d.chmod(0o555)
+        return
+    real = tempfile.mkstemp
+
+    def read_only(*a, dir=None, **kw):
+        if dir is not None and Path(dir).resolve().is_relative_to(root.resolve()):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)

@@ -21,6 +21,7 @@ import pytest
 
 from clip_es.cli import INTERRUPTED
 from tests.conftest import run_cli
+from tests.conftest import make_read_only
 
 TEMPLATE = "a photo of a {}."
 
@@ -163,25 +164,12 @@ def test_changed_options_refused_before_model_load(toy_root, tmp_path, tiny_clip
 
 def test_read_only_run_folder_refused_before_model_load(toy_root, tmp_path, tiny_clip, tiny_clip_path,
                                                         monkeypatch, no_model_load):
-    import errno
-    import tempfile
-
     from clip_es.cam.run import generate_cams
     from clip_es.errors import RunDirError
 
     out = tmp_path / "run"
     out.mkdir()
-    if os.geteuid() != 0:
-        out.chmod(0o555)
-    else:  # root ignores file modes: make the file system say read-only instead
-        real = tempfile.mkstemp
-
-        def read_only(*a, dir=None, **kw):
-            if dir is not None and Path(dir).resolve().is_relative_to(out.resolve()):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-            return real(*a, dir=dir, **kw)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    make_read_only([out], out, monkeypatch)
     try:
         with pytest.raises(RunDirError, match="not writable"):
             generate_cams(_cam_cfg(toy_root, out, tiny_clip_path, limit=1), progress=False)

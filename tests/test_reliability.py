@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from clip_es.refine.run import RefineConfig, refine_masks
 from clip_es.refine.store import CRF, MASKS, output_path, read_output
 from clip_es.rundir import OutputWriteError, RunDir
 from tests.conftest import run_cli
+from tests.conftest import make_read_only
 
 TEMPLATE = "a photo of a {}."
 
@@ -685,18 +685,7 @@ def test_read_only_run_folder_is_a_clear_error(toy, tmp_path, tiny_clip, tiny_cl
     cfg = _cfg(toy, out, tiny_clip_path, limit=2)
     generate_cams(_cfg(toy, out, tiny_clip_path, limit=1), clip=tiny_clip, progress=False)
     manifest = (out / "manifest.json").read_bytes()
-    if os.geteuid() != 0:
-        for d in (out, out / "cam"):
-            d.chmod(0o555)
-    else:  # root ignores file modes (CI containers): make the file system say read-only instead
-        real = tempfile.mkstemp
-
-        def read_only(*a, dir=None, **kw):
-            if dir is not None and Path(dir).resolve().is_relative_to(out.resolve()):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-            return real(*a, dir=dir, **kw)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    make_read_only([out, out / "cam"], out, monkeypatch)
     try:
         with pytest.raises(RunDirError, match="not writable") as ei:
             generate_cams(cfg, clip=tiny_clip, progress=False)
