@@ -47,7 +47,8 @@ TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Promp
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for the computation (default: OMP_NUM_THREADS if "
-                                                  "set, else every CPU this process may use). On a machine shared "
+                                                  "set, else torch's default (the physical cores) capped at the CPUs "
+                                                  "this process may use). On a machine shared "
                                                   "with other jobs, fewer is often faster.")
 
 
@@ -401,13 +402,19 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                                           "one label per image) when extra ones appear."),
           model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt,
           template: Optional[List[str]] = TemplateOpt, templates: Optional[Path] = TemplatesFileOpt,
-          background: str = typer.Option("none", "--background", "-b", help="Background words for the CAMs: none, "
-                                         "voc, coco or a word file."),
+          background: str = typer.Option("voc", "--background", "-b", help="Background words that join the CAM "
+                                         "softmax: voc (CLIP-ES's 25 generic scene words: ground, grass, sky, "
+                                         "water, road, ...), coco, none, or a word file."),
           conf: float = typer.Option(0.95, "--conf", help="Mask confidence: pixels below it become 255 (unsure)."),
           max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels); 0 = no cap."),
           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Refine processes (default: all "
                                                 "cores)."),
-          device: str = DeviceOpt) -> None:
+          device: str = DeviceOpt,
+          precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward (as in "
+                                        "cam): auto, fp32, bf16 or fp16."),
+          batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks (as in "
+                                         "cam)."),
+          threads: Optional[int] = ThreadsOpt) -> None:
     """Label a folder of images in one command: labels (yours, or CLIP's zero-shot guess), CAMs, refined masks,
     exported as PNGs and one COCO file."""
     from clip_es.label import LabelConfig, label_folder
@@ -416,7 +423,8 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                       class_file=str(class_file) if class_file else None, labels=str(labels) if labels else None,
                       threshold=threshold, model=model, pretrained=pretrained,
                       templates=_templates(template, templates), background=background, conf=conf,
-                      max_side=max_side or None, workers=workers, device=device)
+                      max_side=max_side or None, workers=workers, device=device, precision=precision,
+                      batch_size=batch_size, threads=threads)
     res = label_folder(cfg)
     typer.echo(res.summary())
     if not res.ok:

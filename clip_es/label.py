@@ -78,11 +78,16 @@ class LabelConfig:
             likely class is always kept).
         model, pretrained: the CLIP (see :func:`clip_es.model.load_clip`).
         templates: prompt templates (several are averaged).
-        background: background words for the cam stage (``none``, ``voc``, ``coco`` or a word file).
+        background: background words for the cam stage (``voc``, ``coco``, ``none`` or a word
+            file). Default ``voc``: CLIP-ES's 25 generic scene words (ground, grass, sky, water,
+            road, wall, ...), which suit everyday photos; on the toy world they score as well as
+            the toy's own set (CAM/CAA 58.7/55.1 on toy val) and ``none`` scores 44.2/40.3.
         conf: refine confidence threshold (pixels below it become 255, "ignore").
         max_side: working-resolution cap (pixels) of cam, zero-shot and refine; ``None`` = none.
         workers: refine processes (``None`` = every core).
         device: ``cpu``, ``cuda`` or ``auto``.
+        precision, batch_size, threads: the cam stage's speed options (see :class:`CamConfig`);
+            ``threads`` also bounds refine.
     """
 
     images: str
@@ -94,11 +99,14 @@ class LabelConfig:
     model: str = "clipes-tiny"
     pretrained: str | None = None
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
-    background: str = "none"
+    background: str = "voc"
     conf: float = 0.95
     max_side: int | None = 1024
     workers: int | None = None
     device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 1
+    threads: int | None = None
 
     def validate(self) -> "LabelConfig":
         if bool(self.classes) == bool(self.class_file):
@@ -363,10 +371,11 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
     res.cam = generate_cams(CamConfig(dataset="folder", root=str(root.resolve()), split=str(used.resolve()),
                                       out=str(out), class_file=str(class_file.resolve()), model=cfg.model,
                                       pretrained=cfg.pretrained, templates=cfg.templates,
-                                      background=cfg.background, max_side=cfg.max_side, device=cfg.device),
+                                      background=cfg.background, max_side=cfg.max_side, device=cfg.device,
+                                      precision=cfg.precision, batch_size=cfg.batch_size, threads=cfg.threads),
                             clip=clip, progress=progress)
-    res.refine = refine_masks(RefineConfig(run=str(out), conf=cfg.conf, max_side=cfg.max_side, workers=cfg.workers),
-                              progress=progress)
+    res.refine = refine_masks(RefineConfig(run=str(out), conf=cfg.conf, max_side=cfg.max_side, workers=cfg.workers,
+                                           threads=cfg.threads), progress=progress)
     from clip_es.refine.store import MASKS, output_ids
 
     if not output_ids(RunDir(out), MASKS):  # every image failed: nothing to export (the failures are listed)

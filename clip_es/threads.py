@@ -1,10 +1,10 @@
 """How many CPU threads a compute command uses (``--threads``), in one place.
 
 Every compute command (cam, refine, train, segment, demo) takes ``threads``: ``None``
-means :func:`default_threads`, the CPUs this process may run on
-(``os.sched_getaffinity``, which honours ``taskset``, cgroup cpusets and container
-limits), unless ``OMP_NUM_THREADS`` is set, which then wins (the usual way to pin a
-process). The library applies it with :func:`use_threads` around the work and restores
+means :func:`default_threads`: ``OMP_NUM_THREADS`` when set (the usual way to pin a
+process), else torch's thread count (its default: the physical cores), capped at the CPUs
+this process may run on (``os.sched_getaffinity``, which honours ``taskset``, cgroup
+cpusets and container limits). The library applies it with :func:`use_threads` around the work and restores
 the caller's setting afterwards, so a Python-API caller's own thread settings survive.
 
 Process pools (refine's CRF workers, data-loader workers) split the budget: ``workers
@@ -42,12 +42,18 @@ _ACTIVE: list[int] = []
 
 def default_threads() -> int:
     """The enclosing :func:`use_threads` budget; else ``OMP_NUM_THREADS`` when set to a
-    positive integer; else :func:`available_cpus`."""
+    positive integer; else, when torch is imported, its current intra-op thread count
+    (torch's own default is the number of physical cores, so hyper-threads are not
+    oversubscribed; a Python caller's ``torch.set_num_threads`` is honoured) capped at
+    :func:`available_cpus`; else :func:`available_cpus`."""
     if _ACTIVE:
         return _ACTIVE[-1]
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, min(torch.get_num_threads(), available_cpus()))
     return available_cpus()
 
 

@@ -59,6 +59,17 @@ def test_softmax_changes_the_maps(tiny_clip):
     assert not torch.allclose(a.cam, b.cam)
 
 
+def test_single_target_without_background_uses_the_logit(tiny_clip):
+    """One label and no background words: the softmax over one row is constant (zero gradient,
+    an empty CAM); the logit's CAM is used instead, so single-label images still get a map."""
+    d = _penultimate(tiny_clip)
+    text = torch.nn.functional.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(4)), dim=-1)
+    a = softmax_gradcam(tiny_clip.visual, d.penultimate, d.grid, text, 1, 50.0)
+    b = softmax_gradcam(tiny_clip.visual, d.penultimate, d.grid, text, 1, 50.0, use_softmax=False)
+    assert float(a.cam.max()) == 1.0
+    assert torch.equal(a.cam, b.cam)
+
+
 def test_minmax_constant_map_is_zero():
     x = torch.stack([torch.full((3, 3), 2.0), torch.arange(9.0).reshape(3, 3)])
     y = minmax(x)

@@ -163,7 +163,15 @@ def test_bf16_maps_agree_with_fp32_on_held_out_toy_images(tmp_path_factory, tmp_
 # ----------------------------------------------------------------------------- threads
 def test_thread_helper(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert default_threads() == available_cpus() == len(os.sched_getaffinity(0))
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:  # torch's own setting (default: the physical cores) is honoured, capped at the CPUs we may use
+        torch.set_num_threads(1)
+        assert default_threads() == 1
+        torch.set_num_threads(available_cpus() + 3)
+        assert default_threads() == available_cpus()
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads() == 3 and resolve_threads(None) == 3 and resolve_threads(2) == 2
     with pytest.raises(ConfigError, match="--threads"):

@@ -60,6 +60,8 @@ def softmax_gradcam(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[in
         logit_scale: CLIP's ``logit_scale.exp()``.
         pooling: image embedding pooling (``mean`` of patch tokens, as CLIP-ES).
         use_softmax: ``False`` = plain GradCAM on the raw logit of each class (ablation).
+            With ``M == 1`` (one target, no background words) the softmax is constant, so
+            the raw logit is used whatever this says.
         mode: ``batched`` (one backward for all targets) or ``loop`` (one per target).
 
     Returns:
@@ -81,7 +83,9 @@ def softmax_gradcam(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[in
         out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
         img = F.normalize(pool_tokens(visual, out, pooling), dim=-1)  # (1, D)
         logits = logit_scale * img @ text.t()  # (1, M)
-        scores = logits.softmax(-1) if use_softmax else logits
+        # A softmax over a single row is 1 whatever the image: its gradient is zero and every
+        # CAM would be empty. With one target and no background words, use the logit.
+        scores = logits.softmax(-1) if use_softmax and logits.shape[1] > 1 else logits
         eye = torch.eye(k, scores.shape[1], device=scores.device, dtype=scores.dtype)
         if mode == "batched":
             (grads,) = torch.autograd.grad(scores, a, grad_outputs=eye[:, None, :], is_grads_batched=True)
