@@ -407,8 +407,8 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                                          "water, road, ...), coco, none, or a word file."),
           conf: float = typer.Option(0.95, "--conf", help="Mask confidence: pixels below it become 255 (unsure)."),
           max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels); 0 = no cap."),
-          workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Refine processes (default: all "
-                                                "cores)."),
+          workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Refine processes, one thread each "
+                                                "(default and maximum: the --threads budget)."),
           device: str = DeviceOpt,
           precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward (as in "
                                         "cam): auto, fp32, bf16 or fp16."),

@@ -7,7 +7,7 @@ Every error message says what went wrong, where, and how to fix it.
 from __future__ import annotations
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
+def first_line(e: BaseException | str, limit: int = 200) -> str:
     """The first line of ``str(e)``, at most ``limit`` characters ("" for an empty message)."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else ""

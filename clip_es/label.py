@@ -84,7 +84,7 @@ class LabelConfig:
             the toy's own set (CAM/CAA 58.7/55.1 on toy val) and ``none`` scores 44.2/40.3.
         conf: refine confidence threshold (pixels below it become 255, "ignore").
         max_side: working-resolution cap (pixels) of cam, zero-shot and refine; ``None`` = none.
-        workers: refine processes (``None`` = every core).
+        workers: refine processes (``None`` = the thread budget; never more than it).
         device: ``cpu``, ``cuda`` or ``auto``.
         precision, batch_size, threads: the cam stage's speed options (see :class:`CamConfig`);
             ``threads`` also bounds refine.
@@ -258,10 +258,10 @@ def _class_option(cfg: LabelConfig) -> str:
 
 def _forget(run: Path, image_id: str) -> None:
     """Delete one image's cam and refine outputs so the next stages compute it again."""
-    from clip_es.refine.store import CONF, CRF, MASKS
+    from clip_es.refine.store import CONF, CRF, MASKS, output_path
 
     check_id(image_id, str(run))
-    targets = [run / "cam" / f"{image_id}.npz"] + [run / "refine" / k / f"{image_id}.png" for k in (MASKS, CRF, CONF)]
+    targets = [run / "cam" / f"{image_id}.npz"] + [output_path(run, k, image_id) for k in (MASKS, CRF, CONF)]
     targets += [run / PNG_DIR / f"{image_id}.png"]
     for p in targets:
         p.unlink(missing_ok=True)

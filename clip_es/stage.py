@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip_es.errors import ConfigError
+from clip_es.errors import ConfigError, first_line
 
 
 #: How many failure reasons a stage summary lists (the manifest has them all).
@@ -34,8 +34,6 @@ class StageResult:
     def summary(self, reasons: int = SHOW_REASONS) -> str:
         """``cam: 8 done, 1 failed: see RUN/manifest.json (stages.cam.failed); 3 already there``, then,
         when images failed, the first ``reasons`` failure reasons, one indented line each."""
-        from clip_es.errors import first_line
-
         s = f"{self.stage}: {self.done} done, {len(self.failed)} failed"
         if self.failed:
             s += f": see {Path(self.run) / 'manifest.json'} (stages.{self.stage}.failed)"

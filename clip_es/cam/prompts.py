@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip_es.cam.gradcam import softmax_gradcam
-from clip_es.cam.run import preprocess
 from clip_es.cam.store import upsample
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError
 from clip_es.model.dense import block_forward, dense_forward, pool_tokens
+from clip_es.model.inputs import preprocess
 from clip_es.model.resolve import load_clip
 from clip_es.model.text import background_embeddings, check_templates, class_embeddings
 from clip_es.scoring import confusion_matrix, iou_report, scores_to_labels

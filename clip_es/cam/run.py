@@ -32,7 +32,6 @@ weights, an unwritable run folder) raise before or during the loop.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +49,7 @@ from clip_es.data.base import ClassSpec
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
+from clip_es.model.inputs import input_size, preprocess  # noqa: F401 (re-exported: cam.run.preprocess)
 from clip_es.model.precision import PRECISIONS, autocast, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
@@ -162,28 +162,6 @@ class CamConfig:
 _RUNTIME_FIELDS = ("out", "device", "limit", "shard", "root", "batch_size", "workers", "threads")
 
 
-def input_size(size: tuple[int, int], scale: float, patch: int) -> tuple[int, int]:
-    """The model input ``(h, w)`` for an image of ``size = (H, W)``: ``ceil(side * scale / patch) * patch``."""
-    H, W = size
-    return max(1, math.ceil(H * scale / patch)) * patch, max(1, math.ceil(W * scale / patch)) * patch
-
-
-def preprocess(image: np.ndarray, scale: float, patch: int, mean, std, flip: bool = False) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ``(1, 3, h, w)`` normalised, at :func:`input_size`.
-
-    Resized with PIL's bicubic filter on the uint8 image (as CLIP's own preprocessing and
-    the CLIP-ES release do; OpenCV's cubic kernel moves the maps by up to 0.054, see docs/cam.md), then
-    scaled to [0, 1] and normalised with the model's mean/std in float32.
-    """
-    from PIL import Image
-
-    h, w = input_size(image.shape[:2], scale, patch)
-    img = np.ascontiguousarray(image[:, ::-1] if flip else image)
-    x = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
-
-
 @dataclass
 class Prepared:
     """One image decoded, downscaled to its working size and preprocessed (a data-loader item).
@@ -252,13 +230,6 @@ class CamEngine:
             trans = balance_affinity(aff, cfg.sinkhorn_iters)  # float64
             out.append((g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)))
         return out
-
-    def working_image(self, image: np.ndarray) -> np.ndarray:
-        """``image`` itself, or an area-downscaled copy whose longer side is ``cfg.max_side``.
-
-        Idempotent, so a caller may downscale first (and free the original) before :meth:`compute`.
-        """
-        return fit_image(image, self.cfg.max_side)
 
     def preparer(self) -> "_Preparer":
         """The decode-side work (working size, resize, normalise), picklable for loader workers."""

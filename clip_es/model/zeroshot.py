@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip_es.model.dense import Pooling, encode_image
+from clip_es.model.inputs import preprocess
 from clip_es.model.text import DEFAULT_TEMPLATE, class_embeddings
+from clip_es.stage import fit_image
 
 
 def mean_average_precision(scores: np.ndarray, gts: np.ndarray) -> tuple[float, list[float | None]]:
@@ -47,15 +49,11 @@ def zero_shot_map(clip, dataset, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
     Returns:
         ``{"map": float, "per_class": {name: AP | None}, "images": n, "pooling": pooling}``.
     """
-    from clip_es.cam.run import preprocess
-
     text = class_embeddings(clip, dataset.classes, templates, fusion)
     ids = dataset.ids()[:limit] if limit else dataset.ids()
     scores, gts = [], []
     for image_id in tqdm(ids, desc=f"zero-shot {pooling}", disable=not progress, unit="img"):
-        x = preprocess(dataset.load_image(image_id), 1.0, clip.patch_size, clip.mean, clip.std).to(clip.device)
-        img = F.normalize(encode_image(clip.visual, x, pooling), dim=-1)
-        scores.append((clip.logit_scale * img @ text.t()).softmax(-1)[0].cpu().numpy())
+        scores.append(class_probabilities(clip, dataset.load_image(image_id), text, max_side=None, pooling=pooling))
         g = np.zeros(len(dataset.classes))
         g[list(dataset.labels(image_id))] = 1
         gts.append(g)
@@ -82,9 +80,6 @@ def class_probabilities(clip, image: np.ndarray, text: torch.Tensor, max_side: i
     Returns:
         ``(K,)`` float probabilities summing to 1.
     """
-    from clip_es.cam.run import preprocess
-    from clip_es.stage import fit_image
-
     x = preprocess(fit_image(image, max_side), 1.0, clip.patch_size, clip.mean, clip.std).to(clip.device)
     img = F.normalize(encode_image(clip.visual, x, pooling), dim=-1)
     return (clip.logit_scale * img @ text.t()).softmax(-1)[0].float().cpu().numpy()

@@ -216,9 +216,10 @@ def _folder_checked(folder: str | Path) -> tuple[list[tuple[str, Path]], dict[st
     return found, refused
 
 
-def _sources(cfg: SegmentConfig) -> Iterator[tuple[str, Any]]:
+def _sources(cfg: SegmentConfig, found: list[tuple[str, Path]] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(id, load)`` of the images to predict: ``found`` (``--images``, scanned by the caller) or the dataset's."""
     if cfg.images is not None:
-        for image_id, path in _folder_checked(cfg.images)[0][: cfg.limit]:
+        for image_id, path in (found or [])[: cfg.limit]:
             yield image_id, (lambda p=path: read_image(p))
         return
     from clip_es.data.registry import open_dataset
@@ -253,11 +254,13 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     atomic_write_json(meta, record)
     atomic_write_bytes(out / "classes.txt", "".join(", ".join(c) + "\n" for c in record["classes"]).encode())
     res = StageResult("segment", str(out))
+    found = None
     if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
-        for name, reason in _folder_checked(cfg.images)[1].items():
+        found, refused = _folder_checked(cfg.images)
+        for name, reason in refused.items():
             res.failed[name] = reason
             log.warning("%s", reason)
-    for image_id, load in tqdm(list(_sources(cfg)), desc="segment", unit="img", disable=not progress):
+    for image_id, load in tqdm(list(_sources(cfg, found)), desc="segment", unit="img", disable=not progress):
         target = out / f"{image_id}.png"
         overlay = out / f"{image_id}{OVERLAY_SUFFIX}"
         if target.is_file() and (not cfg.overlay or overlay.is_file()):
