@@ -64,6 +64,46 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {first_line(e)})") from e
 
 
+def as_rgb_image(image, what: str = "image") -> np.ndarray:
+    """An image given in memory or by path as ``(H, W, 3)`` uint8 RGB (the in-memory API's input rule).
+
+    Args:
+        image: a PIL image (any mode; converted as :func:`read_image` converts files), an
+            ``(H, W, 3)`` uint8 RGB array (returned as it is, not copied), or a file path
+            (``str`` or :class:`~pathlib.Path`, read with :func:`read_image`).
+        what: how error messages name the input (``"image 3"``).
+
+    Raises:
+        ImageError: an unreadable file, a wrong array shape or dtype, or another type; the
+            message names the value and the conversion that fixes it.
+    """
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        try:
+            return _to_rgb(image)
+        except Exception as e:  # noqa: BLE001 - a lazily decoded PIL image can fail here
+            raise ImageError(f"{what}: PIL image ({image.mode}, {image.size[0]}x{image.size[1]}) cannot be "
+                             f"decoded ({type(e).__name__}: {first_line(e)})") from e
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 4)):
+            fix = "np.repeat(a[..., None], 3, axis=2)" if image.ndim == 2 else \
+                "np.repeat(a, 3, axis=2)" if image.shape[2] == 1 else "a[..., :3]"
+            raise ImageError(f"{what}: array of shape {image.shape}, expected (H, W, 3) RGB; convert it, e.g. "
+                             f"{fix}, or pass a PIL image")
+        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ImageError(f"{what}: array of shape {image.shape}, expected (H, W, 3) RGB with H, W >= 1")
+        if image.dtype != np.uint8:
+            raise ImageError(f"{what}: array of dtype {image.dtype}, expected uint8 in 0..255; convert it, e.g. "
+                             "np.clip(a * 255, 0, 255).round().astype(np.uint8) for floats in [0, 1]")
+        if max(image.shape[:2]) > MAX_SIDE:
+            raise ImageError(f"{what}: image is {image.shape[1]}x{image.shape[0]}, above the {MAX_SIDE}-pixel "
+                             "side limit; downscale it first")
+        return image
+    raise ImageError(f"{what}: got a {type(image).__name__}; pass a PIL image, an (H, W, 3) uint8 RGB numpy "
+                     "array, or an image file path")
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(H, W)`` of an image as :func:`read_image` would return it, from the header only.
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from clip_es.data.base import ClassSpec
 from clip_es.errors import ConfigError
+from clip_es.model.tiny import warn_outside_toy_world
 
 Fusion = Literal["sentence", "mean"]
 #: The template CLIP-ES selected for PASCAL VOC.
@@ -67,7 +68,12 @@ def phrase_embeddings(clip, phrases: Sequence[Sequence[str]], templates: Sequenc
 
 def class_embeddings(clip, classes: Sequence[ClassSpec], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                      fusion: Fusion = "sentence") -> torch.Tensor:
-    """``(K, D)`` embeddings of classes through their prompt words (synonyms or name)."""
+    """``(K, D)`` embeddings of classes through their prompt words (synonyms or name).
+
+    Every CLIP meets a class list here, so this is where the bundled toy CLIP says, once,
+    that names outside its world get meaningless maps (:func:`~clip_es.model.tiny.warn_outside_toy_world`).
+    """
+    warn_outside_toy_world(clip, classes)
     return phrase_embeddings(clip, [c.prompt_words for c in classes], templates, fusion)
 
 

@@ -7,10 +7,17 @@ that loads an OpenAI CLIP state dict loads it too.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from clip_es.data.base import ClassSpec
+from clip_es.data.toy import TOY_BACKGROUNDS, TOY_CLASSES
+
+log = logging.getLogger(__name__)
 
 #: Where the bundled checkpoint lives inside the package.
 TINY_CHECKPOINT = Path(__file__).parent / "weights" / "clipes-tiny.pt"
@@ -50,3 +57,31 @@ def build_tiny_clip(cfg: TinyClipConfig = TinyClipConfig()) -> torch.nn.Module:
 def config_dict(cfg: TinyClipConfig) -> dict:
     """The config as a plain dict (for logs and manifests)."""
     return asdict(cfg)
+
+
+#: Where :func:`warn_outside_toy_world` marks a loaded CLIP it has warned about (``ClipModel.extra``).
+_WARNED = "warned_outside_toy_world"
+
+
+def warn_outside_toy_world(clip, classes: Sequence[ClassSpec]) -> None:
+    """Warn once per loaded model, in one line, when the bundled toy CLIP meets class names
+    outside the toy world (its labels and maps for them are noise), naming the fix.
+
+    Silent for every other CLIP and for toy names (the toy demo, the tests).
+
+    Args:
+        clip: a :class:`~clip_es.model.resolve.ClipModel`.
+        classes: the class list about to be embedded.
+    """
+    if getattr(clip, "name", None) != TINY_NAME or clip.extra.get(_WARNED):
+        return
+    known = set(TOY_CLASSES) | set(TOY_BACKGROUNDS)
+    unknown = [c.name for c in classes if c.name.strip().lower() not in known]
+    if not unknown:
+        return
+    clip.extra[_WARNED] = True
+    shown = ", ".join(repr(n) for n in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+    log.warning("%s, the bundled toy CLIP, knows only the toy world (%s); %s %s outside it, so labels and masks "
+                "for them are noise: use a real CLIP, --model ViT-B-16 --pretrained openai (Python: "
+                "model=\"ViT-B-16\", pretrained=\"openai\"), or a local checkpoint file (--pretrained FILE)",
+                TINY_NAME, ", ".join(TOY_CLASSES), shown, "is" if len(unknown) == 1 else "are")

@@ -172,27 +172,58 @@ class _Job:
         if all(is_valid_png(p) for p in outs.values()):
             return "skipped"
         maps, size = _load_cam_grid(Path(self.cam_dir) / f"{image_id}.npz")
-        work = working_size(size, self.max_side)
-        caa = upsample(maps.caa, work)  # (K, h, w) float32 at the working size
-        if not self.crf:
-            labels = _to_size(scores_to_labels(maps.keys, caa, self.alpha), size)
-            atomic_write_bytes(outs[MASKS], mask_to_png_bytes(labels))
-            return "done"
-        image = read_image(image_path)
-        if image.shape[:2] != size:
-            raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its cam maps are "
-                               f"{size[1]}x{size[0]}; the image changed since 'clipes cam' ran; "
-                               "re-run cam into a new run folder")
-        image = fit_image(image, self.max_side)  # at ``work``
-        q = dense_crf(image, scores_to_probs(stack_scores(caa, self.alpha)), self.crf_params)
-        del image, caa
-        labels, conf, mask = labels_from_q(q, maps.keys, self.conf)
-        del q
-        atomic_write_bytes(outs[CRF], mask_to_png_bytes(_to_size(labels, size)))
-        if self.save_conf:
-            atomic_write_bytes(outs[CONF], _gray_png_bytes(_to_size(conf_to_uint8(conf), size)))
-        atomic_write_bytes(outs[MASKS], mask_to_png_bytes(_to_size(mask, size)))
+        image = None
+        if self.crf:
+            image = read_image(image_path)
+            if image.shape[:2] != size:
+                raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its cam maps "
+                                   f"are {size[1]}x{size[0]}; the image changed since 'clipes cam' ran; "
+                                   "re-run cam into a new run folder")
+            image = fit_image(image, self.max_side)  # the full-size decode is freed before the CRF
+        labels, conf, mask = refine_image(maps.caa, maps.keys, size, image, crf=self.crf, conf=self.conf,
+                                          alpha=self.alpha, crf_params=self.crf_params, max_side=self.max_side)
+        del image
+        if self.crf:
+            atomic_write_bytes(outs[CRF], mask_to_png_bytes(labels))
+            if self.save_conf:
+                atomic_write_bytes(outs[CONF], _gray_png_bytes(conf_to_uint8(conf)))
+        atomic_write_bytes(outs[MASKS], mask_to_png_bytes(mask))
         return "done"
+
+
+def refine_image(caa: np.ndarray, keys: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None, *,
+                 crf: bool = True, conf: float = 0.95, alpha: float = 1.0, crf_params: CrfParams = CrfParams(),
+                 max_side: int | None = 1024) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """One image's refine step without files: what ``clipes refine`` computes for it.
+
+    Args:
+        caa: ``(K, h, w)`` float32 CAA maps as the cam stage stores them (patch grid, or the
+            working size for multi-view runs); resized here to the working size.
+        keys: ``(K,)`` 0-based class indices of the maps.
+        size: the original image ``(H, W)``.
+        image: ``(H, W, 3)`` uint8 RGB, the original or already at the working size
+            (:func:`~clip_es.stage.fit_image`); needed only with ``crf``.
+        crf, conf, alpha, crf_params, max_side: as in :class:`RefineConfig`.
+
+    Returns:
+        ``(labels, confidence, mask)`` at ``size``: ``(H, W)`` uint8 CRF argmax (0 background,
+        ``k + 1`` class ``k``), ``(H, W)`` float32 ``max_c Q_c`` (``None`` without CRF), and the
+        ``(H, W)`` uint8 pseudo mask (255 where the confidence is below ``conf``; without CRF
+        the plain argmax of ``[bg, caa]``, equal to ``labels``).
+    """
+    work = working_size(size, max_side)
+    caa = upsample(caa, work)  # (K, h, w) float32 at the working size
+    if not crf:
+        labels = _to_size(scores_to_labels(keys, caa, alpha), size)
+        return labels, None, labels
+    if image is None:
+        raise ValueError("refine_image needs the image for the CRF (or crf=False)")
+    image = fit_image(image, max_side)  # at ``work``
+    q = dense_crf(image, scores_to_probs(stack_scores(caa, alpha)), crf_params)
+    del image, caa
+    labels, confidence, mask = labels_from_q(q, keys, conf)
+    del q
+    return _to_size(labels, size), _to_size(confidence, size), _to_size(mask, size)
 
 
 def _load_cam_grid(path: Path) -> tuple[CamMaps, tuple[int, int]]:
@@ -211,7 +242,7 @@ def _load_cam_grid(path: Path) -> tuple[CamMaps, tuple[int, int]]:
 
 
 def _to_size(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(h, w)`` uint8 -> ``size`` with nearest-neighbour (pixel-centre aligned); unchanged if equal."""
+    """``(h, w)`` uint8 (or float32) -> ``size`` with nearest-neighbour (pixel-centre aligned); unchanged if equal."""
     if a.shape == tuple(size):
         return a
     return cv2.resize(a, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
