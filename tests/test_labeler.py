@@ -7,6 +7,7 @@ against ``clipes segment``, and the one-line warning when the bundled toy CLIP m
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import subprocess
@@ -239,3 +240,15 @@ def test_toy_names_and_other_clips_stay_silent(tiny_clip_path, caplog):
     assert _tiny_warnings(caplog) == []
     clip_es.Labeler(classes=["person", "ball"], clip=lab.clip)  # the same model on other names: says so
     assert len(_tiny_warnings(caplog)) == 1 and "'person' is outside it" in _tiny_warnings(caplog)[0]
+
+
+def test_label_in_memory_example_runs(tmp_path):
+    out = tmp_path / "sheet.png"
+    p = subprocess.run([sys.executable, str(ROOT / "pipelines" / "examples" / "label_in_memory.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert sum(line.startswith("image ") for line in lines) == 3 and lines[-1].startswith(f"overlay: {out}")
+    sheet = np.asarray(Image.open(out))
+    assert sheet.ndim == 3 and sheet.shape[2] == 3 and sheet.shape[0] > 3 * 128

@@ -1,4 +1,6 @@
-"""Issue #16 item 2: the README's Python example runs as written, as a script in a subprocess
+"""Issue #16 item 2 and issue #23: the README's Python examples run. The in-memory one (``Labeler``,
+``Segmenter``) runs exactly as written, after ``make demo`` (here: with a segmenter trained for a few
+steps where the demo puts it). The run-folder one runs as a script in a subprocess
 (refine's spawn workers import the script again) and without its ``__main__`` guard (the
 library then refines in one process and says why, instead of a ``BrokenProcessPool``).
 
@@ -23,12 +25,17 @@ import pytest
 README = Path(__file__).parents[1] / "README.md"
 
 
-def readme_example() -> str:
+def readme_block(after: str) -> str:
+    """The first python block of README.md after the text ``after``."""
     text = README.read_text(encoding="utf-8")
-    start = text.index("The same from Python")
+    start = text.index(after)
     m = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
-    assert m, "no python block after 'The same from Python'"
+    assert m, f"no python block after {after!r}"
     return m.group(1)
+
+
+def readme_example() -> str:
+    return readme_block("the same from Python (as a script")
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +112,32 @@ def test_guard_detection(tmp_path):
     assert p.returncode == 0, p.stderr
     top, guarded, reversed_guard = p.stdout.strip().replace("\n", "|").split("|")
     assert top.endswith("g.py:5") and guarded == "None" and reversed_guard == "None"
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory, toy_root, tiny_clip_path) -> Path:
+    """A folder holding ``demo/run/segmenter/model.pt`` where ``make demo`` writes it (trained a few steps)."""
+    from clip_es.cam.run import CamConfig, generate_cams
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    base = tmp_path_factory.mktemp("readme_api")
+    run = base / "demo" / "run"
+    generate_cams(CamConfig(dataset="toy", root=str(toy_root), split="train", out=str(run), model=str(tiny_clip_path),
+                            device="cpu", limit=1, threads=1), progress=False)
+    train_segmenter(TrainConfig(run=str(run), steps=2, labels="gt", batch_size=2, crop_size=64, backbone="test_resnet",
+                                dim=32, heads=4, device="cpu", log_every=1, warmup=1, threads=1), progress=False)
+    assert (run / "segmenter" / "model.pt").is_file()
+    return base
+
+
+def test_readme_in_memory_example_runs_as_written(demo_folder):
+    code = readme_block("## From Python")
+    assert "clip_es.Labeler(" in code and "clip_es.Segmenter.load(" in code
+    p = _run_script(demo_folder, code)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert len(lines) == 4, p.stdout
+    for line in lines[:3]:  # ['star'] (1, 193, 168) 97% labelled, 99.9% right
+        assert re.fullmatch(r"\[('\w+'(, )?)+\] \(\d, \d+, \d+\) \d+% labelled, [\d.]+% right", line), line
+    assert re.fullmatch(r"\(\d+, \d+\) [0-2]", lines[3]), lines[3]
+    assert "WARNING" not in p.stderr and "outside it" not in p.stderr  # the toy CLIP on toy names: silent
