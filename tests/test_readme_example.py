@@ -136,8 +136,8 @@ def test_readme_in_memory_example_runs_as_written(demo_folder):
     p = _run_script(demo_folder, code)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
-    assert len(lines) == 4, p.stdout
-    for line in lines[:3]:  # ['star'] (1, 193, 168) 97% labelled, 99.9% right
+    assert len(lines) == 7, p.stdout
+    for line in lines[:6]:  # ['star'] (1, 193, 168) 97% labelled, 99.9% right
         assert re.fullmatch(r"\[('\w+'(, )?)+\] \(\d, \d+, \d+\) \d+% labelled, [\d.]+% right", line), line
-    assert re.fullmatch(r"\(\d+, \d+\) [0-2]", lines[3]), lines[3]
+    assert re.fullmatch(r"\(\d+, \d+\) [0-2]", lines[6]), lines[6]
     assert "WARNING" not in p.stderr and "outside it" not in p.stderr  # the toy CLIP on toy names: silent
