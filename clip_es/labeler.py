@@ -76,7 +76,7 @@ class PseudoMask:
     probabilities: dict[str, float] | None = None
 
 
-def _class_specs(classes: str | Sequence[str | ClassSpec]) -> list[ClassSpec]:
+def as_class_specs(classes: str | Sequence[str | ClassSpec]) -> list[ClassSpec]:
     """``"cat,dog"``, ``["cat", "dog"]`` or ``ClassSpec`` items -> a checked class list."""
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
@@ -135,7 +135,9 @@ class Labeler:
             ``classes[k - 1]``.
         model, pretrained: the CLIP, as :func:`clip_es.model.load_clip` takes them (default
             the bundled toy ``clipes-tiny``, which knows only the toy world's names).
-        threshold: zero-shot presence threshold (as ``clipes label --threshold``).
+        threshold: zero-shot presence threshold (as ``clipes label --threshold``). Zero-shot
+            scores use the cam stage's class text (``templates``, ``fusion``), which at the
+            defaults is what ``clipes label`` predicts with.
         clip: an already loaded :class:`~clip_es.model.resolve.ClipModel` to use instead.
         **options: any :class:`~clip_es.cam.run.CamConfig` or
             :class:`~clip_es.refine.run.RefineConfig` field that decides the outputs or the
@@ -158,7 +160,7 @@ class Labeler:
         from clip_es.refine.run import RefineConfig
         from clip_es.threads import use_threads
 
-        self.classes = _class_specs(classes)
+        self.classes = as_class_specs(classes)
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
@@ -221,7 +223,8 @@ class Labeler:
         """Pseudo masks of many images, yielded in order.
 
         ``batch_size`` images at a time share the frozen CLIP forward (those of one working
-        size; in fp32 the outputs do not depend on the batching), then are refined one by one.
+        size; in fp32 the outputs do not depend on the batching), then are refined one by one
+        in this process. A generator: wrap it in ``tqdm`` for a progress bar.
 
         Args:
             images: an iterable of images (each as :meth:`__call__` takes it).

@@ -22,7 +22,7 @@ import numpy as np
 
 from clip_es.data.base import ClassSpec
 from clip_es.data.image_io import as_rgb_image
-from clip_es.labeler import _class_specs
+from clip_es.labeler import as_class_specs
 from clip_es.train.segment import MAX_SIDE
 
 
@@ -66,7 +66,7 @@ class Segmenter:
     def _for(self, classes: str | Sequence[str | ClassSpec] | None):
         if classes is None:
             return self.loaded
-        specs = tuple(_class_specs(classes))
+        specs = tuple(as_class_specs(classes))
         if specs == tuple(self.loaded.classes):
             return self.loaded
         if self._other is None or self._other[0] != specs:  # embedding new names loads the CLIP: keep the last

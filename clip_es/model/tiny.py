@@ -82,6 +82,6 @@ def warn_outside_toy_world(clip, classes: Sequence[ClassSpec]) -> None:
     clip.extra[_WARNED] = True
     shown = ", ".join(repr(n) for n in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
     log.warning("%s, the bundled toy CLIP, knows only the toy world (%s); %s %s outside it, so labels and masks "
-                "for them are noise: use a real CLIP, --model ViT-B-16 --pretrained openai (Python: "
-                "model=\"ViT-B-16\", pretrained=\"openai\"), or a local checkpoint file (--pretrained FILE)",
+                "for them are noise: use a real CLIP, --model ViT-B-16 --pretrained openai, or --pretrained FILE "
+                "for a local checkpoint (Python: model=\"ViT-B-16\", pretrained=\"openai\")",
                 TINY_NAME, ", ".join(TOY_CLASSES), shown, "is" if len(unknown) == 1 else "are")
