@@ -311,6 +311,12 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
              stage: Optional[List[str]] = typer.Option(None, "--stage", help="Only this stage (repeatable)."),
              split: Optional[str] = typer.Option(None, "--split", help="Split for the segmenter (default val)."),
              limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images per stage."),
+             unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes held out of "
+                                                  "training: adds seen mIoU (background counted with the seen "
+                                                  "classes), unseen mIoU and hIoU to every stage."),
+             calibration: Optional[float] = typer.Option(None, "--calibration", help="Offset on trained classes' "
+                                                         "scores for segmenters predicting untrained names "
+                                                         "(default: each family's)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table.")) -> None:
     """Per-class IoU and mIoU against ground truth for every stage in RUN (saved to RUN/eval.json)."""
     from clip_es.evaluate import EvalOptions, evaluate_run, format_report
@@ -318,8 +324,8 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
     def show(rep):  # before eval.json is written: a folder that cannot be written still gets its table
         typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
-    evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split, limit=limit),
-                 on_report=show)
+    evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split, limit=limit,
+                                  unseen=_names(unseen, "--unseen"), calibration=calibration), on_report=show)
 
 
 # ----------------------------------------------------------------------------- refine
@@ -463,8 +469,19 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
           backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", help="Backbone LR multiplier "
                                                  "(e.g. 0.1 with pretrained weights)."),
-          loss: str = typer.Option("ce", "--loss", help="ce (softmax cross-entropy) or sigmoid (per-class "
-                                   "focal + dice, non-mutually-exclusive)."),
+          loss: Optional[str] = typer.Option(None, "--loss", help="ce (softmax cross-entropy) or sigmoid (per-class "
+                                             "focal + dice, non-mutually-exclusive); default: the --arch's own."),
+          arch: str = typer.Option("fusion", "--arch", help="Segmenter family: fusion (timm CNN + CLIP-text head, "
+                                   "small and fast)."),
+          head: str = typer.Option("fusion", "--head", help="Head of the CNN segmenter: fusion (Jin & Yang's "
+                                   "two-way fusion blocks) or plain (text matching only)."),
+          unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes to hold out "
+                                               "(zero-shot protocol): their pixels are ignored and their names "
+                                               "never reach the model; segment/eval can still ask for them."),
+          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: the names are known and "
+                                            "ignored pixels the model assigns to them are self-trained on."),
+          self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
+                                                "--steps before self-training starts."),
           backbone: str = typer.Option("resnet18", "--backbone", help="timm CNN (features_only), e.g. resnet18, "
                                        "mobilenetv3_large_100."),
           backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Local state dict of the "
@@ -476,8 +493,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           scale_range: str = typer.Option("0.5,2.0", "--scale-range", help="Random rescale range MIN,MAX before "
                                           "cropping."),
           warmup: int = typer.Option(100, "--warmup", help="LR warm-up steps (at most a fifth of --steps)."),
-          no_fusion: bool = typer.Option(False, "--no-fusion", help="Ablation: plain text-matching head "
-                                         "(use with --name segmenter_nofusion)."),
+          no_fusion: bool = typer.Option(False, "--no-fusion", help="Alias of --head plain: the plain "
+                                         "text-matching head (use with --name segmenter_nofusion)."),
           device: str = DeviceOpt,
           seed: int = typer.Option(0, "--seed", help="Initialisation, sample order and augmentation seed."),
           workers: int = typer.Option(0, "--workers", help="Dataloader worker processes."),
@@ -494,13 +511,25 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
     cfg = TrainConfig(run=str(run), name=name, labels=labels, steps=steps, batch_size=batch_size,
                       crop_size=crop_size, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult,
                       loss=loss, backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                      backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=0 if no_fusion else fusion_blocks,
+                      backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=fusion_blocks,
+                      arch=arch, head="plain" if no_fusion else head, unseen=_names(unseen, "--unseen"),
+                      transductive=transductive, self_train_from=self_train_from,
                       device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
                       scale_range=_pair(scale_range, "--scale-range"), threads=threads)
     res = train_segmenter(cfg)
     if DistInfo.from_env().main:
         typer.echo(res.summary())
+
+
+def _names(text: Optional[str], opt: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``; ``None`` -> ``()``."""
+    if text is None:
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ClipEsError(f"{opt} needs comma-separated class names, got {text!r}")
+    return names
 
 
 def _pair(text: str, opt: str) -> tuple[float, float]:
@@ -533,6 +562,10 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                                                           "file."),
             overlay: bool = typer.Option(False, "--overlay", help="Also write OUT/<id>.overlay.jpg: the image with "
                                          "the predicted classes' colours blended over it."),
+            calibration: Optional[float] = typer.Option(None, "--calibration", help="When --classes mixes trained "
+                                                        "and untrained names: lower the trained classes' scores by "
+                                                        "this before the argmax (default: the family's measured "
+                                                        "value)."),
             threads: Optional[int] = ThreadsOpt) -> None:
     """Predict label maps with a trained segmenter: OUT/<id>.png (0 background, k+1 = k-th class of
     OUT/classes.txt). Resumable."""
@@ -542,7 +575,7 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
                         clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,
-                        overlay=overlay, threads=threads)
+                        overlay=overlay, threads=threads, calibration=calibration)
     _finish_stage(run_segment(cfg))
 
 

@@ -31,7 +31,7 @@ from clip_es.errors import ClipEsError, DatasetError, RunDirError
 from clip_es.rundir import RunDir, atomic_write_json
 # the pure scoring layer, re-exported: ``from clip_es.evaluate import confusion_matrix`` keeps working
 from clip_es.scoring import (StagePredictions, confusion_matrix, iou_report, score_predictions,  # noqa: F401
-                             scores_to_labels)
+                             scores_to_labels, seen_unseen)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,19 @@ class EvalOptions:
         stages: only these stages (default: all present).
         split: evaluation split for stages that predict on another split (the segmenter).
         limit: evaluate only the first ``limit`` images of a stage.
+        unseen: class names held out of training (``clipes train --unseen``): every stage's
+            report adds ``zero_shot`` = seen mIoU (background + seen classes), unseen mIoU and
+            hIoU (see :func:`clip_es.scoring.seen_unseen`).
+        calibration: offset on trained classes' scores for segmenters predicting untrained
+            names (``None``: each family's default).
     """
 
     alpha: float = 1.0
     stages: tuple[str, ...] | None = None
     split: str | None = None
     limit: int | None = None
+    unseen: tuple[str, ...] = ()
+    calibration: float | None = None
 
 
 def _cam_evaluator(which: str) -> Callable[[RunDir, EvalOptions], StagePredictions | None]:
@@ -130,7 +137,7 @@ def _segmenter_evaluator(name: str) -> Callable[[RunDir, EvalOptions], StagePred
         ids = ds.ids()
         gt_path = getattr(ds, "gt_path", None)  # readers with mask files: skip images without one unread
         with_gt = ids if gt_path is None else [i for i in ids if gt_path(i) is not None]
-        return StagePredictions(ds, segmenter_predictions(ckpt, ds, ids=with_gt),
+        return StagePredictions(ds, segmenter_predictions(ckpt, ds, ids=with_gt, calibration=opts.calibration),
                                 {"split": ds.split, "images_without_gt": len(ids) - len(with_gt)})
 
     return evaluate
@@ -189,6 +196,8 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
         if preds is None:
             continue
         report[stage] = score_predictions(preds, options.limit, desc=f"eval {stage}", progress=progress)
+        if options.unseen:
+            report[stage]["zero_shot"] = seen_unseen(report[stage]["per_class"], options.unseen)
     if not report:
         raise RunDirError(f"{run}: no stage outputs to evaluate; run 'clipes cam' first")
     report_all = {"alpha": options.alpha, "stages": report}
@@ -220,9 +229,18 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{extra:<{w}} " + " ".join(
                 f"{report['stages'][s][extra] * 100:9.1f}" if extra in report["stages"][s] else f"{'-':>9}"
                 for s in stages))
+    zs = [s for s in stages if "zero_shot" in report["stages"][s]]
+    if zs:
+        for key, label in (("seen", "seen mIoU"), ("unseen", "unseen mIoU"), ("hiou", "hIoU")):
+            lines.append(f"{label:<{w}} " + " ".join(
+                f"{report['stages'][s]['zero_shot'][key] * 100:9.1f}" if s in zs else f"{'-':>9}" for s in stages))
     lines.append(f"{'images':<{w}} " + " ".join(f"{report['stages'][s]['images']:>9}" for s in stages))
     if any(report["stages"][s].get("images_without_gt") for s in stages):
         lines.append(f"{'without GT':<{w}} " + " ".join(
             f"{report['stages'][s].get('images_without_gt', 0):>9}" for s in stages))
         lines.append("(images = images scored; images without a ground-truth mask are not scored)")
+    if zs:
+        unseen = report["stages"][zs[0]]["zero_shot"]["unseen_classes"]
+        lines.append(f"(unseen: {', '.join(unseen)}; seen mIoU counts background with the seen classes, "
+                     "hIoU = 2 S U / (S + U))")
     return "\n".join(lines)

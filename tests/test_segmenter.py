@@ -72,12 +72,13 @@ def _text(k: int, d: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- model
-@pytest.mark.parametrize("blocks", [0, 2])
-def test_model_shapes_and_open_vocab(blocks):
+@pytest.mark.parametrize("head,blocks", [("plain", 0), ("fusion", 2)])
+def test_model_shapes_and_open_vocab(head, blocks):
     torch.manual_seed(0)
-    model = build_segmenter(SegmenterArch(backbone=BACKBONE, text_dim=64, dim=32, fusion_blocks=blocks)).eval()
+    model = build_segmenter(SegmenterArch(backbone=BACKBONE, head=head, text_dim=64, dim=32,
+                                          fusion_blocks=blocks)).eval()
     with torch.no_grad():  # fresh fusion blocks are the identity (zero-initialised outputs): perturb them
-        for p in model.blocks.parameters():
+        for p in model.context.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.rand(2, 3, 64, 96)
     x0 = x.clone()
@@ -95,14 +96,14 @@ def test_model_shapes_and_open_vocab(blocks):
         # batched == looped
         y1 = torch.cat([model(x[i:i + 1], _text(5)) for i in range(2)])
         assert torch.allclose(y, y1, atol=1e-5)
-    assert len(model.blocks) == blocks
+    assert len(getattr(model.context, "blocks", [])) == blocks
 
 
 def test_fresh_fusion_blocks_are_identity():
     torch.manual_seed(0)
     fused = build_segmenter(SegmenterArch(backbone=BACKBONE, text_dim=64, dim=32, fusion_blocks=2)).eval()
-    plain = build_segmenter(SegmenterArch(backbone=BACKBONE, text_dim=64, dim=32, fusion_blocks=0)).eval()
-    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("blocks.")})
+    plain = build_segmenter(SegmenterArch(backbone=BACKBONE, head="plain", text_dim=64, dim=32)).eval()
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("context.")})
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(fused(x, _text(4)), plain(x, _text(4)), atol=1e-5)

@@ -91,6 +91,31 @@ def export_weights(checkpoint: str | Path, out: str | Path, dtype: str = "float3
     return out
 
 
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint stores: everything but the keys under the module's
+    ``frozen_prefixes`` (frozen weights the family restores from elsewhere, e.g. a CLIP named
+    and hashed in the checkpoint's text record), as CPU tensors."""
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))}
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:
+    """Load what :func:`model_state` saved; only keys under ``frozen_prefixes`` may be absent.
+
+    Raises:
+        WeightsError: keys missing or left over, or tensors of another shape.
+    """
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    try:
+        res = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: weights do not fit the recorded architecture ({first_line(e, 200)})") from e
+    missing = [k for k in res.missing_keys if not (frozen and k.startswith(frozen))]
+    if missing or res.unexpected_keys:
+        raise WeightsError(f"{path}: weights do not fit the recorded architecture (missing "
+                           f"{', '.join(missing[:3]) or '-'}; unexpected {', '.join(res.unexpected_keys[:3]) or '-'})")
+
+
 def segmenter_file(folder: str | Path) -> Path | None:
     """The checkpoint a stage folder offers for inference: ``last.pt``, else ``model.pt``, else ``None``."""
     for name in (LAST, MODEL):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip_es.data.registry import dataset_of_run
@@ -37,11 +38,13 @@ from clip_es.rundir import RunDir, atomic_write_bytes, params_hash
 from clip_es.stage import resolve_device
 # checkpoint I/O and the DDP set-up live in their own modules; re-exported for existing imports
 from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_checkpoint,  # noqa: F401
-                                      rng_state, save_checkpoint, set_rng_state, weights_only)
+                                      load_model_state, model_state, rng_state, save_checkpoint, set_rng_state,
+                                      weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
-from clip_es.train.losses import get_loss
-from clip_es.train.model import SegmenterArch, backbone_norm, build_segmenter, count_parameters
+from clip_es.train.families import BuildContext, get_family
+from clip_es.train.losses import IGNORE, ce_loss, get_loss
+from clip_es.train.model import count_parameters
 from clip_es.train.text import cached_text
 from clip_es.threads import threads_from_config
 
@@ -65,9 +68,18 @@ class TrainConfig:
             config.json records the number used) then follows a cosine to 0.
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
-        loss: ``ce`` (softmax cross-entropy) or ``sigmoid`` (per-class focal + dice).
+        arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter).
+        head: the CNN segmenter's head (``plain``, ``fusion``; see :data:`clip_es.train.model.HEADS`).
+        loss: a :data:`clip_es.train.losses.LOSSES` name (``ce``: softmax cross-entropy, ``sigmoid``:
+            per-class focal + dice); ``None`` = the family's default.
+        unseen: class names held out (inductive zero-shot protocol): their pixels in the training
+            masks become ignored and their names never reach the model; recorded in the checkpoint.
+        transductive: with ``unseen``, the names are known to the model and, from step
+            ``self_train_from * steps`` on, ignored pixels the model assigns to an unseen class
+            are labelled with it (online self-training).
+        self_train_from: fraction of ``steps`` before self-training starts (``transductive``).
         backbone, backbone_weights, backbone_pretrained: timm CNN and its initialisation.
-        dim, heads, fusion_blocks: segmenter width, attention heads, fusion depth (0 = no fusion).
+        dim, heads, fusion_blocks: segmenter width, attention heads, fusion depth (0 = plain head).
         device: ``cpu``, ``cuda`` or ``auto``.
         seed: decides initialisation, sample order and augmentation.
         workers: dataloader worker processes.
@@ -89,7 +101,12 @@ class TrainConfig:
     warmup: int = 100
     backbone_lr_mult: float = 1.0
     scale_range: tuple[float, float] = (0.5, 2.0)
-    loss: str = "ce"
+    loss: str | None = None
+    arch: str = "fusion"
+    head: str = "fusion"
+    unseen: tuple[str, ...] = ()
+    transductive: bool = False
+    self_train_from: float = 0.5
     backbone: str = "resnet18"
     backbone_weights: str | None = None
     backbone_pretrained: bool = False
@@ -107,7 +124,7 @@ class TrainConfig:
     threads: int | None = None
 
     def validate(self) -> "TrainConfig":
-        get_loss(self.loss)
+        get_loss(self.resolved_loss())
         for opt, v, lo in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
                            ("--crop-size", self.crop_size, 32), ("--save-every", self.save_every, 1),
                            ("--log-every", self.log_every, 1)):
@@ -125,12 +142,19 @@ class TrainConfig:
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
         if self.name in ("cam", "refine", "crf"):
             raise ConfigError(f"--name {self.name!r} is another stage's folder; pick e.g. 'segmenter'")
+        if self.transductive and not self.unseen:
+            raise ConfigError("--transductive needs --unseen (the classes to self-train on)")
+        if not 0 <= self.self_train_from < 1:
+            raise ConfigError(f"self-training start must be a fraction in [0, 1), got {self.self_train_from}")
         return self
 
-    def arch(self, text_dim: int) -> SegmenterArch:
-        mean, std = backbone_norm(self.backbone)
-        return SegmenterArch(backbone=self.backbone, text_dim=text_dim, dim=self.dim, heads=self.heads,
-                             fusion_blocks=self.fusion_blocks, mean=mean, std=std).validate()
+    def resolved_loss(self) -> str:
+        """``loss``, or the family's default when ``None``."""
+        return self.loss if self.loss is not None else get_family(self.arch).default_loss
+
+    def arch_record(self, text_dim: int):
+        """The family's architecture record for these options (``text_dim`` = CLIP text width)."""
+        return get_family(self.arch).arch_from_config(self, text_dim)
 
 
 #: Fields that do not change what is trained (left out of the manifest hash).
@@ -138,12 +162,61 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
                    "threads")
 
 
+#: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
+_LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
+                                   "self_train_from": 0.5}
+
+
 def stage_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The output-deciding parameters (config.json, manifest hash); ``warmup`` as :func:`lr_at` uses it."""
-    p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    """The output-deciding parameters (config.json, manifest hash); ``warmup`` as :func:`lr_at` uses it,
+    ``loss`` resolved to the family's default."""
+    p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS
+         and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     p["scale_range"] = list(cfg.scale_range)
     p["warmup"] = warmup_steps(cfg)
+    p["loss"] = cfg.resolved_loss()
+    if cfg.unseen:
+        p["unseen"] = list(cfg.unseen)
     return p
+
+
+def class_split(names: list[str], unseen: tuple[str, ...] | list[str]) -> tuple[list[int], list[int]]:
+    """Indices of the seen and of the unseen classes in ``names``.
+
+    Raises:
+        ConfigError: an unseen name that is not a class of the run, or every class unseen.
+    """
+    bad = [u for u in unseen if u not in names]
+    if bad:
+        raise ConfigError(f"--unseen {', '.join(bad)}: not a class of this run; valid: {', '.join(names)}")
+    seen = [i for i, n in enumerate(names) if n not in unseen]
+    if not seen:
+        raise ConfigError("--unseen names every class; leave at least one class to train on")
+    return seen, [i for i, n in enumerate(names) if n in unseen]
+
+
+def label_map(keep: list[int]) -> torch.Tensor:
+    """``(256,)`` int64 lookup for training masks: background stays 0, class ``keep[j]`` (0-based)
+    becomes ``j + 1``; every other class and 255 become ignored."""
+    lut = torch.full((256,), IGNORE, dtype=torch.int64)
+    lut[0] = 0
+    for j, k in enumerate(keep):
+        lut[k + 1] = j + 1
+    return lut
+
+
+def self_train_targets(logits: torch.Tensor, target: torch.Tensor, unseen_channels: torch.Tensor) -> torch.Tensor:
+    """Online pseudo labels (transductive protocol): ignored pixels whose argmax over all
+    channels is an unseen class take that class; every other pixel keeps its target.
+
+    Args:
+        logits: ``(B, N, H, W)`` (detached inside).
+        target: ``(B, H, W)`` int64, 255 = ignore.
+        unseen_channels: ``(U,)`` int64 channel indices of the unseen classes.
+    """
+    pred = logits.detach().argmax(1)
+    take = (target == IGNORE) & torch.isin(pred, unseen_channels)
+    return torch.where(take, pred, target)
 
 
 @dataclass
@@ -273,12 +346,26 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         log.info("training on %d images of %s (labels: %s)", len(ids), ds.split, cfg.labels)
 
     ids_hash = params_hash({"ids": ids})
-    text = payload["embeddings"].to(device)
-    arch = cfg.arch(int(text.shape[1]))
+    family = get_family(cfg.arch)
+    names = [str(c[0]) for c in payload["classes"]]
+    seen, unseen = class_split(names, cfg.unseen)
+    all_text = payload["embeddings"].to(device)
+    # inductive: the model sees only the seen names, masks renumbered to them; transductive: every name
+    keep = list(range(len(names))) if cfg.transductive else seen
+    text = all_text[keep]
+    lut = label_map(keep).to(device)
+    unseen_channels = torch.tensor([keep.index(u) + 1 for u in unseen] if cfg.transductive else [],
+                                   dtype=torch.int64, device=device)
+    self_train_step = int(cfg.self_train_from * cfg.steps) if cfg.transductive else None
+    arch = cfg.arch_record(int(all_text.shape[1]))
     torch.manual_seed(cfg.seed)
-    model = build_segmenter(arch, cfg.backbone_weights, cfg.backbone_pretrained).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    loss_fn = get_loss(cfg.loss)
+    ctx = BuildContext(text=payload, device=device, for_training=True, backbone_weights=cfg.backbone_weights,
+                       backbone_pretrained=cfg.backbone_pretrained, clip_model=cfg.clip_model,
+                       clip_pretrained=cfg.clip_pretrained)
+    model = family.build(arch, ctx).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr) if trainable else None
+    loss_fn = get_loss(cfg.resolved_loss())
 
     ckpt_path = out / LAST
     start, rows, resumed = 0, [], None
@@ -288,8 +375,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             raise RunDirError(f"{ckpt_path} holds weights only (no optimizer state); it cannot be resumed")
         if ck["config"]["arch"] != arch.to_dict():
             raise RunDirError(f"{ckpt_path} was trained with another architecture; use another --name")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        load_model_state(model, ck["model"], ckpt_path)
+        if opt is not None:
+            opt.load_state_dict(ck["optimizer"])
         start, rows, resumed = int(ck["step"]), [list(r) for r in ck["log"]], int(ck["step"])
         if ck.get("ids_hash") != ids_hash and info.main:
             log.warning("the training images changed since %s was saved (labels added or removed): the "
@@ -299,7 +387,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             log.info("resuming %s at step %d", ckpt_path, start)
 
     net: torch.nn.Module = model
-    if info.enabled:
+    if info.enabled and opt is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None)
@@ -311,15 +399,23 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                                          pin_memory=device.startswith("cuda"))
 
     def save(step: int) -> None:
-        ck = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        ck = {"format": CHECKPOINT_FORMAT, "model": model_state(model),
+              "optimizer": opt.state_dict() if opt is not None else {},
               "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world},
               "text": payload, "log": [list(r) for r in rows], "rng": rng_state(), "ids_hash": ids_hash}
         save_checkpoint(ckpt_path, ck)
         save_checkpoint(out / MODEL, weights_only(ck))
         _write_log(out / LOG, rows)
 
+    n_trainable, n_total = sum(p.numel() for p in trainable), count_parameters(model)
     if info.main:
-        log.info("segmenter: %s, %.2fM parameters", arch.backbone, count_parameters(model) / 1e6)
+        log.info("segmenter %s: %.2fM parameters, %.2fM trainable", cfg.arch, n_total / 1e6, n_trainable / 1e6)
+    if opt is None:  # a family that needs no training: its checkpoint records the arch and the text
+        if info.main:
+            save(cfg.steps)
+            run.record(cfg.name, status="done", step=cfg.steps, last_loss=None, images_per_s=None,
+                       world_size=info.world, parameters=n_total, trainable_parameters=0)
+        return TrainResult(str(run.path), str(ckpt_path), cfg.steps, cfg.steps, None, None, info.world, None)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.name}", unit="step",
                disable=not (progress and info.main))
     net.train()
@@ -331,8 +427,14 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)
             x = images.to(device, non_blocking=True).float().div_(255)
-            y = masks.to(device, non_blocking=True)
-            loss = loss_fn(net(x, text), y)
+            y = lut[masks.to(device, non_blocking=True)]
+            logits, extras = net(x, text, return_extras=True)
+            if self_train_step is not None and step >= self_train_step:
+                y = self_train_targets(logits, y, unseen_channels)
+            loss = loss_fn(logits, y)
+            for weight, aux in extras.get("aux", ()):
+                aux = F.interpolate(aux, size=y.shape[-2:], mode="bilinear", align_corners=False)
+                loss = loss + weight * ce_loss(aux, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -367,5 +469,5 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             save(step)
         run.record(cfg.name, status="done" if step >= cfg.steps else "partial", step=step,
                    last_loss=last_loss, images_per_s=rate, world_size=info.world,
-                   parameters=count_parameters(model))
+                   parameters=n_total, trainable_parameters=n_trainable)
     return TrainResult(str(run.path), str(ckpt_path), step, cfg.steps, last_loss, rate, info.world, resumed)

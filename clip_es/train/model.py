@@ -12,6 +12,14 @@ Data flow for an input ``x`` ``(B, 3, H, W)`` (RGB in [0, 1]) and class text ``(
     head: logits = tau * <normalize(Conv1x1(F)), normalize(Linear(T))>   (B, K+1, H/8, W/8)
     bilinear upsampling to (H, W)
 
+This module is the ``fusion`` segmenter family (:mod:`clip_es.train.families`): the CNN
+segmenter, whose *head* (``SegmenterArch.head``, ``clipes train --head``) decides what
+happens between the backbone and the text-matching output. Heads are a plain registry
+(:data:`HEADS`): ``plain`` (no mixing: the text-matching head alone), ``fusion`` (the
+fusion blocks above). A head may act before the neck (on the backbone features and the
+raw class text, e.g. to add a score map to the stride-32 features) and after it (on
+``F`` and ``T``); see :class:`Head`.
+
 Channel 0 of the logits is the learned background token, channel ``k + 1`` is class ``k``
 of the text given to :meth:`Segmenter.forward`. Every operation on ``T`` treats the text
 tokens as a set (no positional code), so the class list can change at inference time
@@ -52,16 +60,18 @@ class SegmenterArch:
 
     Attributes:
         backbone: timm model name (``resnet18``, ``mobilenetv3_large_100``, ``test_resnet``...).
+        head: what mixes image and text before the text-matching output (a :data:`HEADS` name).
         text_dim: dimension ``D`` of the CLIP text embeddings fed in.
         dim: width ``C`` of the stride-8 map ``F`` and of the text tokens ``T``.
         heads: attention heads in the fusion blocks (``dim % heads == 0``).
-        fusion_blocks: number of fusion blocks; 0 = plain text-matching head.
+        fusion_blocks: number of fusion blocks of the ``fusion`` head.
         mlp_ratio: hidden width of the token MLP, in multiples of ``dim``.
         pool: average-pooling factor applied to ``F`` before the V->T bridge.
         mean, std: RGB input normalisation applied inside the model.
     """
 
     backbone: str = "resnet18"
+    head: str = "fusion"
     text_dim: int = 512
     dim: int = 128
     heads: int = 4
@@ -74,6 +84,8 @@ class SegmenterArch:
     def validate(self) -> "SegmenterArch":
         if self.dim < 8 or self.heads < 1 or self.dim % self.heads:
             raise ConfigError(f"--dim must be >= 8 and divisible by the {self.heads} heads, got {self.dim}")
+        if self.head not in HEADS:
+            raise RegistryError(f"unknown --head {self.head!r}; valid: {', '.join(HEADS)}")
         if self.fusion_blocks < 0:
             raise ConfigError(f"fusion blocks must be >= 0, got {self.fusion_blocks}")
         if self.pool < 1:
@@ -81,13 +93,15 @@ class SegmenterArch:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {"family": FAMILY_NAME, **asdict(self)}
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SegmenterArch":
+        """Read a record; one written before heads existed gets ``plain`` (0 fusion blocks) or ``fusion``."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known.setdefault("head", "fusion" if int(d.get("fusion_blocks", 2)) > 0 else "plain")
         for k in ("mean", "std"):
             if k in known:
                 known[k] = tuple(float(v) for v in known[k])
@@ -300,6 +314,53 @@ class TextMatchingHead(nn.Module):
         return (tau * torch.bmm(q, p)).reshape(B, -1, h, w)
 
 
+# ----------------------------------------------------------------------------- heads
+class Head(nn.Module):
+    """What a head adds between the backbone and the text-matching output (identity here: ``plain``).
+
+    ``pre_neck(feats, text)``: the backbone's stride-8/16/32 maps and the raw class tokens
+    ``(B, K+1, D)`` (background first) -> the same, possibly changed, plus extras (e.g.
+    ``{"aux": [(weight, logits)]}``). ``post_neck(f, t)``: ``F`` ``(B, C, h, w)`` and the
+    projected tokens ``T`` ``(B, K+1, C)`` -> the same shapes. ``neck_channels(chs)``: the
+    channel counts the neck receives for backbone channels ``chs`` (strides 8/16/32).
+    Every head must treat the class tokens as a set (any ``K`` at inference).
+    """
+
+    def __init__(self, arch: "SegmenterArch", channels: list[int]):
+        super().__init__()
+
+    def neck_channels(self, channels: list[int]) -> list[int]:
+        return list(channels)
+
+    def pre_neck(self, feats: list[torch.Tensor], text: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, Any]]:
+        return feats, text, {}
+
+    def post_neck(self, f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return f, t
+
+
+class FusionHead(Head):
+    """Jin & Yang's fusion: ``arch.fusion_blocks`` :class:`FusionBlock` s after the neck."""
+
+    def __init__(self, arch: "SegmenterArch", channels: list[int]):
+        super().__init__(arch, channels)
+        self.blocks = nn.ModuleList(FusionBlock(arch.dim, arch.heads, arch.mlp_ratio, arch.pool)
+                                    for _ in range(arch.fusion_blocks))
+
+    def post_neck(self, f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for blk in self.blocks:
+            f, t = blk(f, t)
+        return f, t
+
+
+#: ``--head`` name -> head class ``(arch, backbone channels at strides 8/16/32) -> Head``.
+HEADS: dict[str, type[Head]] = {
+    "plain": Head,
+    "fusion": FusionHead,
+}
+
+
 # ----------------------------------------------------------------------------- model
 class Segmenter(nn.Module):
     """CNN segmenter that classifies pixels by matching them to class text embeddings.
@@ -309,48 +370,62 @@ class Segmenter(nn.Module):
         backbone: a prepared timm features-only model (default: random init of ``arch.backbone``).
     """
 
+    #: Inputs are padded to a multiple of this at inference (the backbone's coarsest stride).
+    stride = STRIDE
+    #: Softmax over background + classes (cross-entropy training).
+    score_kind = "softmax"
+    #: No offset on trained classes by default (measured: see README "Segment classes you never labelled").
+    calibration = 0.0
+    #: Every weight is trained and saved.
+    frozen_prefixes: tuple[str, ...] = ()
+
     def __init__(self, arch: SegmenterArch, backbone: nn.Module | None = None):
         super().__init__()
         self.arch = arch.validate()
         self.backbone = backbone if backbone is not None else create_backbone(arch.backbone)
         self.feature_idx = _feature_indices(self.backbone)
         chs = list(self.backbone.feature_info.channels())
-        self.neck = Neck([chs[i] for i in self.feature_idx], arch.dim)
+        chs = [chs[i] for i in self.feature_idx]
+        self.context = HEADS[arch.head](arch, chs)
+        self.neck = Neck(self.context.neck_channels(chs), arch.dim)
         g = torch.Generator().manual_seed(0)
         self.bg_token = nn.Parameter(F.normalize(torch.randn(arch.text_dim, generator=g), dim=0))
         self.text_proj = nn.Sequential(nn.Linear(arch.text_dim, arch.dim), nn.LayerNorm(arch.dim))
-        self.blocks = nn.ModuleList(FusionBlock(arch.dim, arch.heads, arch.mlp_ratio, arch.pool)
-                                    for _ in range(arch.fusion_blocks))
         self.head = TextMatchingHead(arch.dim)
         self.register_buffer("mean", torch.tensor(arch.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(arch.std).view(1, 3, 1, 1), persistent=False)
 
-    def tokens(self, text: torch.Tensor, batch: int) -> torch.Tensor:
-        """``(K, D)`` class text -> ``(B, K+1, C)`` tokens, background first."""
+    def class_tokens(self, text: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(K, D)`` class text -> ``(B, K+1, D)`` raw tokens, the learned background first."""
         if text.ndim != 2 or text.shape[1] != self.arch.text_dim:
             raise ConfigError(f"class text must be (K, {self.arch.text_dim}) CLIP embeddings, got "
                               f"{tuple(text.shape)}; embed the classes with the CLIP the model was trained with")
         tok = torch.cat([F.normalize(self.bg_token, dim=0)[None], text.to(self.bg_token.dtype)], 0)
-        return self.text_proj(tok)[None].expand(batch, -1, -1)
+        return tok[None].expand(batch, -1, -1)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, return_extras: bool = False):
         """Per-pixel class logits.
 
         Args:
             x: ``(B, 3, H, W)`` float RGB in [0, 1] (normalised inside).
             text: ``(K, D)`` L2-normalised CLIP text embeddings of the classes.
+            return_extras: also return the head's extras (auxiliary logits for the loss).
 
         Returns:
-            ``(B, K+1, H, W)`` logits; channel 0 = background, ``k + 1`` = class ``k``.
+            ``(B, K+1, H, W)`` logits; channel 0 = background, ``k + 1`` = class ``k``
+            (and the extras dict when asked).
         """
         H, W = x.shape[-2:]
         feats = self.backbone((x - self.mean) / self.std)
-        f = self.neck([feats[i] for i in self.feature_idx])
-        t = self.tokens(text, x.shape[0])
-        for blk in self.blocks:
-            f, t = blk(f, t)
-        logits = self.head(f, t)
-        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        feats = [feats[i] for i in self.feature_idx]
+        feats, tok, extras = self.context.pre_neck(feats, self.class_tokens(text, x.shape[0]))
+        f, t = self.context.post_neck(self.neck(feats), self.text_proj(tok))
+        logits = F.interpolate(self.head(f, t), size=(H, W), mode="bilinear", align_corners=False)
+        return (logits, extras) if return_extras else logits
+
+    def export_module(self, text: torch.Tensor) -> nn.Module:
+        """``forward(x) -> (B, K+1, H, W)`` with ``text`` baked in (ONNX)."""
+        return BoundSegmenter(self, text)
 
 
 def backbone_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -380,10 +455,47 @@ def count_parameters(model: nn.Module) -> int:
 class BoundSegmenter(nn.Module):
     """A segmenter with its class text baked in: ``forward(x) -> (B, K+1, H, W)`` (for ONNX)."""
 
-    def __init__(self, model: Segmenter, text: torch.Tensor):
+    def __init__(self, model: nn.Module, text: torch.Tensor):
         super().__init__()
         self.model = model
         self.register_buffer("text", text.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, self.text)
+
+
+# ----------------------------------------------------------------------------- the family
+FAMILY_NAME = "fusion"
+
+
+class CnnFamily:
+    """The ``fusion`` family (:mod:`clip_es.train.families`): timm CNN + neck + head + text matching."""
+
+    name = FAMILY_NAME
+    trainable = True
+    default_loss = "ce"
+
+    def arch_from_config(self, cfg: Any, text_dim: int) -> SegmenterArch:
+        """The record ``clipes train`` options describe (``fusion_blocks=0`` with the fusion head = plain)."""
+        mean, std = backbone_norm(cfg.backbone)
+        head = "plain" if cfg.head == "fusion" and cfg.fusion_blocks == 0 else cfg.head
+        return SegmenterArch(backbone=cfg.backbone, head=head, text_dim=text_dim, dim=cfg.dim, heads=cfg.heads,
+                             fusion_blocks=cfg.fusion_blocks if head == "fusion" else 0, mean=mean,
+                             std=std).validate()
+
+    def arch_from_dict(self, d: dict[str, Any]) -> SegmenterArch:
+        return SegmenterArch.from_dict(d)
+
+    def build(self, arch: SegmenterArch, ctx: Any) -> Segmenter:
+        if ctx.for_training:
+            return build_segmenter(arch, ctx.backbone_weights, ctx.backbone_pretrained)
+        return Segmenter(arch)
+
+    def upgrade_state(self, arch: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints from before heads kept the fusion blocks at ``blocks.*``."""
+        if "head" in arch:
+            return state
+        return {("context." + k if k.startswith("blocks.") else k): v for k, v in state.items()}
+
+
+FAMILY = CnnFamily()

@@ -26,7 +26,6 @@ import torch
 
 from clip_es.data.base import ClassSpec
 from clip_es.errors import ClipEsError, ConfigError, first_line
-from clip_es.train.model import BoundSegmenter
 from clip_es.train.segment import load_segmenter, pad_to_stride
 from clip_es.train.text import specs_to_lists
 
@@ -35,15 +34,22 @@ log = logging.getLogger(__name__)
 
 class PaddedSegmenter(torch.nn.Module):
     """``forward(x) -> (B, K+1, H, W)`` for any ``H, W``: pad with :func:`pad_to_stride`,
-    run the bound segmenter, crop back (what :func:`~clip_es.train.segment.predict_logits` does)."""
+    run the bound segmenter, crop back (what :func:`~clip_es.train.segment.predict_logits` does).
 
-    def __init__(self, bound: BoundSegmenter):
+    Args:
+        bound: ``forward(x) -> logits`` with the class text baked in (a family module's ``export_module``).
+        mean: ``(1, 3, 1, 1)`` padding colour; stride: padding multiple (both the family module's).
+    """
+
+    def __init__(self, bound: torch.nn.Module, mean: torch.Tensor, stride: int):
         super().__init__()
         self.bound = bound
+        self.register_buffer("mean", mean.detach().clone(), persistent=False)
+        self.stride = int(stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2], x.shape[-1]
-        return self.bound(pad_to_stride(x, self.bound.model.mean))[:, :, :H, :W]
+        return self.bound(pad_to_stride(x, self.mean, self.stride))[:, :, :H, :W]
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, classes: Sequence[ClassSpec] | None = None,
@@ -65,7 +71,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, classes: Sequence[Class
     if height < 32 or width < 32:
         raise ConfigError(f"example size must be at least 32x32, got {height}x{width}")
     seg = load_segmenter(checkpoint, "cpu").with_classes(classes, clip_model, clip_pretrained)
-    bound = PaddedSegmenter(BoundSegmenter(seg.model, seg.text)).eval()
+    # a family that cannot be exported says why (ConfigError) before any file is touched
+    bound = PaddedSegmenter(seg.model.export_module(seg.text), seg.model.mean, seg.model.stride).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(1, 3, height, width)

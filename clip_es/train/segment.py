@@ -5,16 +5,22 @@ Predictions are ``(H, W)`` uint8 label maps at the image's own size: 0 = backgro
 
 Open vocabulary: ``classes`` may name classes the segmenter never trained on. They are
 embedded with the CLIP, templates and synonym fusion recorded in the checkpoint (the CLIP
-is loaded for that; trained classes reuse their stored embeddings). What to expect: the
-head scores pixels by cosine similarity to the projected text, so an unseen class is
-found to the extent its CLIP text embedding lies near trained ones with similar
-appearance (a synonym or close relative of a trained class transfers well; an unrelated
-concept mostly does not, since a small CNN trained on K classes never learnt its
-appearance). Dropping classes from the list is always safe.
+is loaded for that; trained classes reuse their stored embeddings). What to expect depends
+on the family (:mod:`clip_es.train.families`): the CNN segmenter scores pixels by cosine
+similarity to the projected text, so an unseen class is found to the extent its CLIP text
+embedding lies near trained ones with similar appearance (a synonym or close relative of a
+trained class transfers well; an unrelated concept mostly does not, since a small CNN
+trained on K classes never learnt its appearance). Dropping classes is always safe.
+
+Calibration: when the list holds names the segmenter was not trained on (names held out
+with ``clipes train --unseen``, or new ones) next to trained ones, the trained classes'
+scores (softmax or sigmoid, per family) are lowered by an offset before the argmax, as
+ZegCLIP does; ``calibration=None`` takes the family's measured default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -33,8 +39,8 @@ from clip_es.errors import ConfigError, DatasetError, ImageError, RunDirError
 from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
 from clip_es.stage import StageResult, fit_image, resolve_device
 from clip_es.threads import threads_from_config
-from clip_es.train.checkpoint import load_checkpoint
-from clip_es.train.model import STRIDE, Segmenter, SegmenterArch
+from clip_es.train.checkpoint import load_checkpoint, load_model_state
+from clip_es.train.families import BuildContext, family_of, scores_fn
 from clip_es.train.text import lists_to_specs, specs_to_lists, text_for_classes
 
 log = logging.getLogger(__name__)
@@ -49,20 +55,33 @@ class LoadedSegmenter:
     """A segmenter ready for inference.
 
     Attributes:
-        model: eval-mode :class:`Segmenter` on ``device``.
+        model: eval-mode segmenter module of its family on ``device``.
         text: ``(K, D)`` embeddings of ``classes`` on ``device``.
         classes: the class list ``text`` encodes.
-        payload: the checkpoint's text record (CLIP, templates, fusion, trained classes).
+        payload: the checkpoint's text record (CLIP, templates, fusion, the run's classes).
         checkpoint: the file it came from; ``step``: its training step.
+        trained: names of the classes the segmenter trained on (the run's classes less ``--unseen``).
+        calibration: offset subtracted from the trained classes' scores when ``classes`` also
+            holds untrained names (``None``: the family's default, ``model.calibration``).
     """
 
-    model: Segmenter
+    model: torch.nn.Module
     text: torch.Tensor
     classes: list[ClassSpec]
     payload: dict[str, Any]
     checkpoint: str
     step: int
     device: str
+    trained: tuple[str, ...] = ()
+    calibration: float | None = None
+
+    @property
+    def offset(self) -> float:
+        """The calibration offset in force: 0 unless ``classes`` mixes trained and untrained names."""
+        flags = [c.name in self.trained for c in self.classes]
+        if all(flags) or not any(flags):
+            return 0.0
+        return float(self.model.calibration if self.calibration is None else self.calibration)
 
     def with_classes(self, classes: Sequence[ClassSpec] | None, clip_model: str | None = None,
                      clip_pretrained: str | None = None) -> "LoadedSegmenter":
@@ -73,26 +92,31 @@ class LoadedSegmenter:
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate class names in {names}")
         text = text_for_classes(self.payload, classes, clip_model, clip_pretrained, self.device)
-        return LoadedSegmenter(self.model, text.to(self.device), list(classes), self.payload, self.checkpoint,
-                               self.step, self.device)
+        return dataclasses.replace(self, text=text.to(self.device), classes=list(classes))
 
 
-def load_segmenter(path: str | Path, device: str = "cpu") -> LoadedSegmenter:
-    """Rebuild a trained segmenter from a checkpoint (no network, random-init backbone replaced).
+def load_segmenter(path: str | Path, device: str = "cpu", calibration: float | None = None,
+                   clip_model: str | None = None, clip_pretrained: str | None = None) -> LoadedSegmenter:
+    """Rebuild a trained segmenter of any family from a checkpoint (no network for the CNN family;
+    a family on a frozen CLIP loads the CLIP its text record names, or the override).
 
     Raises:
-        WeightsError: not a readable segmenter checkpoint.
+        WeightsError: not a readable segmenter checkpoint, or weights that do not fit its record.
     """
     ck = load_checkpoint(path)
-    arch = SegmenterArch.from_dict(ck["config"]["arch"])
-    model = Segmenter(arch)
-    model.load_state_dict(ck["model"])
+    record = ck["config"]["arch"]
+    family = family_of(record)
+    payload = ck["text"]
+    ctx = BuildContext(text=payload, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained)
+    model = family.build(family.arch_from_dict(record), ctx)
+    load_model_state(model, family.upgrade_state(record, ck["model"]), path)
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    payload = ck["text"]
+    unseen = set((ck["config"].get("train") or {}).get("unseen") or ())
+    trained = tuple(str(c[0]) for c in payload["classes"] if str(c[0]) not in unseen)
     return LoadedSegmenter(model, payload["embeddings"].to(device), lists_to_specs(payload["classes"]), payload,
-                           str(path), int(ck["step"]), device)
+                           str(path), int(ck["step"]), device, trained, calibration)
 
 
 def parse_classes(classes: str | None = None, class_file: str | Path | None = None) -> list[ClassSpec] | None:
@@ -109,14 +133,14 @@ def parse_classes(classes: str | None = None, class_file: str | Path | None = No
     return None
 
 
-def pad_to_stride(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def pad_to_stride(x: torch.Tensor, mean: torch.Tensor, stride: int) -> torch.Tensor:
     """The one padding rule of inference: ``(B, 3, H, W)`` RGB in [0, 1] padded at the bottom
-    and right to multiples of :data:`STRIDE` with the normalisation ``mean`` (zero after
+    and right to multiples of ``stride`` (the module's) with the normalisation ``mean`` (zero after
     normalising, as training pads). :func:`predict_logits` and the ONNX graph
     (:mod:`clip_es.train.onnx_export`) both use it, so they agree at every size. Traceable:
     the pad amounts follow the input's dynamic height and width in an exported graph."""
     H, W = x.shape[-2], x.shape[-1]
-    ph, pw = (STRIDE - H % STRIDE) % STRIDE, (STRIDE - W % STRIDE) % STRIDE
+    ph, pw = (stride - H % stride) % stride, (stride - W % stride) % stride
     mean = mean.to(x.dtype)
     return F.pad(x - mean, (0, pw, 0, ph)) + mean
 
@@ -126,9 +150,22 @@ def predict_logits(seg: LoadedSegmenter, image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB -> ``(K+1, H, W)`` float logits (input padded by :func:`pad_to_stride`)."""
     H, W = image.shape[:2]
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(seg.device).permute(2, 0, 1)[None].float() / 255
-    if H % STRIDE or W % STRIDE:
-        x = pad_to_stride(x, seg.model.mean)
+    stride = int(seg.model.stride)
+    if H % stride or W % stride:
+        x = pad_to_stride(x, seg.model.mean, stride)
     return seg.model(x, seg.text)[0, :, :H, :W]
+
+
+def calibrated_labels(seg: LoadedSegmenter, logits: torch.Tensor) -> torch.Tensor:
+    """``(K+1, H, W)`` logits -> ``(H, W)`` int64 labels; with :attr:`LoadedSegmenter.offset` > 0 the
+    trained classes' scores are lowered by it first (channel 0, background, is never shifted)."""
+    offset = seg.offset
+    if not offset:
+        return logits.argmax(0)
+    scores = scores_fn(seg.model.score_kind)(logits[None])[0]
+    shift = torch.tensor([0.0] + [offset if c.name in seg.trained else 0.0 for c in seg.classes],
+                         dtype=scores.dtype, device=scores.device)
+    return (scores - shift[:, None, None]).argmax(0)
 
 
 def predict_labels(seg: LoadedSegmenter, image: np.ndarray, max_side: int | None = MAX_SIDE) -> np.ndarray:
@@ -139,7 +176,7 @@ def predict_labels(seg: LoadedSegmenter, image: np.ndarray, max_side: int | None
     ``None`` = always native size.
     """
     H, W = image.shape[:2]
-    labels = predict_logits(seg, fit_image(image, max_side)).argmax(0).to(torch.uint8).cpu().numpy()
+    labels = calibrated_labels(seg, predict_logits(seg, fit_image(image, max_side))).to(torch.uint8).cpu().numpy()
     if labels.shape != (H, W):
         labels = cv2.resize(labels, (W, H), interpolation=cv2.INTER_NEAREST)
     return labels
@@ -159,6 +196,8 @@ class SegmentConfig:
         limit: only the first ``limit`` images.
         clip_model, clip_pretrained: CLIP override for embedding new class names.
         max_side: images with a longer side above it are predicted downscaled (``None``: never).
+        calibration: offset subtracted from the trained classes' scores when the class list also
+            holds untrained names (``None``: the family's default; see the module docstring).
         overlay: also write ``OUT/<id>.overlay.jpg``: the image with the predicted label
             colours blended over it and region outlines (display colours, see
             :func:`~clip_es.draw.display_palette`; the PNG masks keep the VOC palette).
@@ -178,6 +217,7 @@ class SegmentConfig:
     clip_model: str | None = None
     clip_pretrained: str | None = None
     max_side: int | None = MAX_SIDE
+    calibration: float | None = None
     overlay: bool = False
     threads: int | None = None
 
@@ -238,7 +278,8 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     is refused so predictions never mix.
     """
     cfg = cfg.validate()
-    seg = load_segmenter(cfg.checkpoint, resolve_device(cfg.device))
+    seg = load_segmenter(cfg.checkpoint, resolve_device(cfg.device), cfg.calibration, cfg.clip_model,
+                         cfg.clip_pretrained)
     seg = seg.with_classes(parse_classes(cfg.classes, cfg.class_file), cfg.clip_model, cfg.clip_pretrained)
     if len(seg.classes) > 254:
         raise ConfigError(f"{len(seg.classes)} classes do not fit a uint8 label map (max 254)")
@@ -246,11 +287,15 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     out.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint),
               "classes": specs_to_lists(seg.classes)}
+    if seg.offset:
+        record["calibration"] = seg.offset
     meta = out / "segment.json"
     if meta.is_file():
         old = json.loads(meta.read_text())
         if old.get("sha256") != record["sha256"] or old.get("classes") != record["classes"]:
             raise RunDirError(f"{out} holds predictions of another checkpoint or class list; use a new --out")
+        if old.get("calibration", 0.0) != record.get("calibration", 0.0):
+            raise RunDirError(f"{out} holds predictions made with another --calibration; use a new --out")
     atomic_write_json(meta, record)
     atomic_write_bytes(out / "classes.txt", "".join(", ".join(c) + "\n" for c in record["classes"]).encode())
     res = StageResult("segment", str(out))
@@ -307,12 +352,15 @@ def overlay_jpeg(image: np.ndarray, labels: np.ndarray, quality: int = 90) -> by
 
 
 def segmenter_predictions(checkpoint: str | Path, ds, device: str = "auto",
-                          ids: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """``(id, labels)`` for every image of ``ds`` (or of ``ids``) with the checkpoint's trained classes (for eval).
+                          ids: Sequence[str] | None = None, calibration: float | None = None
+                          ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(id, labels)`` for every image of ``ds`` (or of ``ids``) with the run's classes (for eval).
 
-    The checkpoint's classes must be the dataset's (same names, same order).
+    The checkpoint's classes must be the dataset's (same names, same order). Classes held out
+    in training (``--unseen``) are predicted too, with the calibration offset (``None``: the
+    family's default).
     """
-    seg = load_segmenter(checkpoint, resolve_device(device))
+    seg = load_segmenter(checkpoint, resolve_device(device), calibration)
     names = [c.name for c in seg.classes]
     if names != [c.name for c in ds.classes]:
         raise RunDirError(f"{checkpoint} predicts classes {names}, but the dataset has "

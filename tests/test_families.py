@@ -1,0 +1,186 @@
+"""Segmenter families and the zero-shot protocol: registry, arch records in checkpoints, old
+checkpoints, --unseen (inductive) and --transductive, calibration, seen/unseen/hIoU scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clip_es.errors import ConfigError, DatasetError, RegistryError
+from clip_es.scoring import seen_unseen
+from clip_es.train.families import FAMILIES, family_of, get_family
+from tests.test_segmenter import SMALL, base_run, run_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_registry_lists_valid_names():
+    assert "fusion" in FAMILIES
+    with pytest.raises(RegistryError, match="valid: fusion"):
+        get_family("fuson")
+    fam = get_family("fusion")
+    assert fam.name == "fusion" and fam.trainable and fam.default_loss == "ce"
+    assert family_of({}) is fam  # records written before families existed
+
+
+def test_every_family_keeps_the_contract():
+    """Each registered family names itself, and its module has the attributes inference asks for."""
+    for name in FAMILIES:
+        fam = get_family(name)
+        assert fam.name == name
+        assert isinstance(fam.trainable, bool) and isinstance(fam.default_loss, str)
+
+
+def test_old_checkpoint_without_head_or_family_loads(tmp_path):
+    """A checkpoint from before heads and families (fusion blocks at ``blocks.*``) predicts as it did."""
+    from clip_es.train.checkpoint import WEIGHTS_FORMAT, save_checkpoint
+    from clip_es.train.model import SegmenterArch, build_segmenter
+    from clip_es.train.segment import load_segmenter, predict_logits
+
+    torch.manual_seed(0)
+    model = build_segmenter(SegmenterArch(backbone="test_resnet", text_dim=64, dim=32, fusion_blocks=2)).eval()
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    old_state = {(k[len("context."):] if k.startswith("context.") else k): v for k, v in model.state_dict().items()}
+    old_arch = {k: v for k, v in model.arch.to_dict().items() if k not in ("family", "head")}
+    text = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    payload = {"classes": [["a"], ["b"], ["c"]], "embeddings": text, "templates": [], "fusion": "sentence",
+               "clip": {"name": "x", "source": "bundled:x"}}
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"format": WEIGHTS_FORMAT, "model": old_state, "step": 1,
+                           "config": {"arch": old_arch, "train": {}}, "text": payload})
+    seg = load_segmenter(path)
+    assert seg.model.arch.head == "fusion"
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = model(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, text)[0]
+    assert torch.allclose(predict_logits(seg, img), want, atol=1e-5)
+
+
+def test_head_recorded_and_no_fusion_alias(run_dir):  # noqa: F811
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    train_segmenter(TrainConfig(run=str(run_dir), steps=1, head="plain", **SMALL), progress=False)
+    ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
+    assert ck["config"]["arch"]["family"] == "fusion" and ck["config"]["arch"]["head"] == "plain"
+    assert not any(k.startswith("context.") for k in ck["model"])
+    with pytest.raises(RegistryError, match="--head"):
+        train_segmenter(TrainConfig(run=str(run_dir), name="s2", steps=1, head="nope", **SMALL), progress=False)
+
+
+# ----------------------------------------------------------------------------- protocol pieces
+def test_class_split_and_label_map():
+    from clip_es.train.loop import class_split, label_map
+
+    seen, unseen = class_split(["a", "b", "c", "d"], ("b", "d"))
+    assert seen == [0, 2] and unseen == [1, 3]
+    lut = label_map(seen)
+    y = torch.tensor([0, 1, 2, 3, 4, 255])
+    assert lut[y].tolist() == [0, 1, 255, 2, 255, 255]
+    with pytest.raises(ConfigError, match="valid: a, b"):
+        class_split(["a", "b"], ("z",))
+    with pytest.raises(ConfigError, match="at least one"):
+        class_split(["a"], ("a",))
+
+
+def test_self_train_targets_only_fill_ignored_pixels_with_unseen():
+    from clip_es.train.loop import self_train_targets
+
+    logits = torch.zeros(1, 4, 1, 4)
+    logits[0, 3, 0, :] = 5.0   # every pixel predicts channel 3 (unseen)
+    logits[0, 1, 0, 1] = 9.0   # pixel 1 predicts a seen class
+    target = torch.tensor([[[255, 255, 2, 0]]])
+    out = self_train_targets(logits, target, torch.tensor([3]))
+    assert out.tolist() == [[[3, 255, 2, 0]]]
+
+
+def test_seen_unseen_arithmetic():
+    per = {"background": 0.9, "a": 0.7, "b": 0.5, "c": None, "d": 0.2}
+    z = seen_unseen(per, ["b", "d"])
+    assert z["seen"] == pytest.approx(0.8)          # background and a (c undefined)
+    assert z["unseen"] == pytest.approx(0.35)
+    assert z["hiou"] == pytest.approx(2 * 0.8 * 0.35 / 1.15)
+    assert seen_unseen({"background": 1.0, "a": 0.0}, ["a"])["hiou"] == 0.0
+    with pytest.raises(DatasetError, match="valid: a"):
+        seen_unseen({"background": 1.0, "a": 0.0}, ["zz"])
+
+
+def test_inductive_unseen_names_never_reach_the_model(run_dir, monkeypatch):  # noqa: F811
+    """Every training forward gets only the seen classes' text; the checkpoint records --unseen."""
+    from clip_es.train import model as model_mod
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    payload_rows = []
+    real = model_mod.Segmenter.forward
+
+    def spy(self, x, text, return_extras=False):
+        payload_rows.append(text.detach().clone())
+        return real(self, x, text, return_extras)
+
+    monkeypatch.setattr(model_mod.Segmenter, "forward", spy)
+    train_segmenter(TrainConfig(run=str(run_dir), steps=2, unseen=("ring", "fish"), **SMALL), progress=False)
+    ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
+    emb, names = ck["text"]["embeddings"], [c[0] for c in ck["text"]["classes"]]
+    unseen_rows = emb[[names.index("ring"), names.index("fish")]]
+    assert len(payload_rows) == 2
+    for t in payload_rows:
+        assert t.shape[0] == 6
+        assert not any(torch.allclose(t[i], u) for i in range(6) for u in unseen_rows)
+    assert ck["config"]["train"]["unseen"] == ["ring", "fish"]
+
+
+def test_unseen_protocol_end_to_end(run_dir, tmp_path):  # noqa: F811
+    """Train with --unseen, then segment with the held-out names and eval --unseen (CLI)."""
+    from tests.conftest import run_cli
+
+    argv = ["train", "--run", str(run_dir), "--labels", "gt", "--steps", "2", "--batch-size", "2", "--crop-size",
+            "64", "--backbone", "test_resnet", "--dim", "32", "--device", "cpu", "--unseen", "ring,fish"]
+    assert run_cli(argv) == 0
+    seg_out = tmp_path / "pred"
+    from clip_es.train.segment import load_segmenter
+
+    seg = load_segmenter(run_dir / "segmenter" / "model.pt")
+    assert "ring" not in seg.trained and "ball" in seg.trained
+    assert seg.offset == 0.0  # the family's default (CNN: no calibration)
+    seg2 = load_segmenter(run_dir / "segmenter" / "model.pt", calibration=0.2)
+    assert seg2.offset == 0.2
+    only_trained = seg2.with_classes([c for c in seg2.classes if c.name in seg2.trained])
+    assert only_trained.offset == 0.0  # nothing untrained asked for: no shift
+    root = json.loads((run_dir / "manifest.json").read_text())["dataset"]["root"]
+    assert run_cli(["segment", "-c", str(run_dir / "segmenter" / "model.pt"), "-o", str(seg_out), "-d", "toy",
+                    "-r", root, "-s", "val", "--calibration", "0.1", "--device", "cpu"]) == 0
+    assert json.loads((seg_out / "segment.json").read_text())["calibration"] == 0.1
+    assert run_cli(["eval", "--run", str(run_dir), "--stage", "segmenter", "--unseen", "ring,fish"]) == 0
+    rep = json.loads((run_dir / "eval.json").read_text())["stages"]["segmenter"]
+    assert set(rep["zero_shot"]) >= {"seen", "unseen", "hiou"}
+
+
+def test_transductive_needs_unseen_and_trains(run_dir):  # noqa: F811
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    with pytest.raises(ConfigError, match="--unseen"):
+        train_segmenter(TrainConfig(run=str(run_dir), steps=2, transductive=True, **SMALL), progress=False)
+    res = train_segmenter(TrainConfig(run=str(run_dir), steps=3, unseen=("ring",), transductive=True,
+                                      self_train_from=0.3, **SMALL), progress=False)
+    assert res.step == 3 and np.isfinite(res.last_loss)
+
+
+def test_older_runs_keep_their_train_hash():
+    """Fields added with the families are left out of the parameters at their defaults."""
+    from clip_es.train.loop import TrainConfig, stage_params
+
+    p = stage_params(TrainConfig(run="r"))
+    assert not {"arch", "head", "unseen", "transductive", "self_train_from"} & set(p)
+    assert p["loss"] == "ce"
+    assert stage_params(TrainConfig(run="r", unseen=("a",)))["unseen"] == ["a"]
+
