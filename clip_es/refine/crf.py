@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_es.errors import ConfigError
+from clip_es.refine.method import RefineMethod
 
 #: Scores are clipped to this before normalising and taking ``-log`` (a zero score would
 #: give an infinite unary).
@@ -121,6 +122,15 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParam
     crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=rgb, compat=params.bi_compat)
     q = np.array(crf.inference(params.iters), dtype=np.float32).reshape(c, h, w)
     return q
+
+
+def _crf_refine(image: np.ndarray, probs: np.ndarray, params: CrfParams, device: str = "cpu") -> np.ndarray:
+    """:func:`dense_crf` as a :data:`~clip_es.refine.method.RefineFn` (pydensecrf runs on the CPU only)."""
+    return dense_crf(image, probs, params)
+
+
+METHOD = RefineMethod(name="crf", refine=_crf_refine, params_field="crf_params", default_conf=0.95,
+                      torch_device=False, summary="dense CRF, pydensecrf2 (CPU only)")
 
 
 def label_lut(keys: np.ndarray) -> np.ndarray:
