@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_es.errors import ConfigError
-from clip_es.refine.method import RefineMethod
+from clip_es.refine.method import RefineMethod, check_inputs
 
 #: Scores are clipped to this before normalising and taking ``-log`` (a zero score would
 #: give an infinite unary).
@@ -107,10 +107,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParam
     """
     import pydensecrf.densecrf as dcrf
 
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
+    check_inputs(image, probs)
     c, h, w = probs.shape
     if c == 1:
         return np.ones((1, h, w), np.float32)

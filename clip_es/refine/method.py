@@ -42,3 +42,15 @@ class RefineMethod:
     default_conf: float
     torch_device: bool
     summary: str
+
+
+def check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
+    """Refuse inputs a :data:`RefineFn` cannot take.
+
+    Raises:
+        ValueError: ``image`` is not ``(H, W, 3)`` uint8, or ``probs`` is not ``(C, H, W)`` at its size.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")

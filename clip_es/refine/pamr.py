@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clip_es.errors import ConfigError
-from clip_es.refine.method import RefineMethod
+from clip_es.refine.method import RefineMethod, check_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -154,10 +154,7 @@ def pamr(image: np.ndarray, probs: np.ndarray, params: PamrParams = PamrParams()
     """
     import torch
 
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
+    check_inputs(image, probs)
     c, h, w = probs.shape
     if c == 1:
         return np.ones((1, h, w), np.float32)
