@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from clip_es.errors import ClipEsError
+from clip_es.errors import ClipEsError, ConfigError
 
 app = typer.Typer(
     help="CLIP-ES: pixel-accurate pseudo segmentation masks from image-level labels with a frozen CLIP, "
@@ -332,9 +332,13 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
 @app.command()
 def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder holding a cam stage "
                                      "(--run-dir: the same, for use under torchrun)."),
-           no_crf: bool = typer.Option(False, "--no-crf", help="Skip the CRF: argmax of the background and CAA scores (no ignore)."),
-           conf: float = typer.Option(0.95, "--conf", help="Confidence threshold: pixels with max_c Q_c below it "
-                                                          "become 255 (ignore) in the pseudo mask."),
+           method: str = typer.Option("crf", "--method", help="Refinement: crf (dense CRF, CPU) or pamr (PAMR, "
+                                      "torch on --device; see docs/refine.md)."),
+           no_crf: bool = typer.Option(False, "--no-crf", help="Skip refinement: argmax of the background and CAA "
+                                       "scores (no ignore)."),
+           conf: Optional[float] = typer.Option(None, "--conf", help="Confidence threshold: pixels with max_c Q_c "
+                                                "below it become 255 (ignore) in the pseudo mask (default: the "
+                                                "method's, 0.95 for crf)."),
            alpha: float = typer.Option(1.0, "--alpha", help="Background power: bg = (1 - max_k caa_k) ** alpha."),
            gauss_sxy: float = typer.Option(1.0, "--gauss-sxy", help="CRF Gaussian kernel spatial std (pixels)."),
            gauss_compat: float = typer.Option(3.0, "--gauss-compat", help="CRF Gaussian kernel weight."),
@@ -342,6 +346,11 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            bi_srgb: float = typer.Option(3.0, "--bi-srgb", help="CRF bilateral kernel colour std (0-255 units)."),
            bi_compat: float = typer.Option(4.0, "--bi-compat", help="CRF bilateral kernel weight."),
            iters: int = typer.Option(10, "--iters", help="CRF mean-field iterations."),
+           pamr_iters: int = typer.Option(10, "--pamr-iters", help="PAMR propagation steps."),
+           pamr_dilations: str = typer.Option("1,2,4,8,12,24", "--pamr-dilations",
+                                              help="PAMR 3x3-neighbourhood dilations (pixels), comma-separated."),
+           device: str = typer.Option("auto", "--device", help="Device of a torch method (pamr): cpu, cuda or auto "
+                                      "(cuda when available). The CRF runs on the CPU."),
            save_conf: bool = typer.Option(False, "--save-conf", help="Also write RUN/refine/conf/<id>.png "
                                                                     "(uint8 round(conf * 255))."),
            max_side: int = typer.Option(1024, "--max-side", help="Working-resolution cap (pixels): larger images "
@@ -355,14 +364,21 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
            shard: str = typer.Option("0/1", "--shard", help="I/N: refine every N-th image starting at I "
                                                             "(under torchrun: set from the rank)."),
            force: bool = ForceOpt) -> None:
-    """Dense CRF on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/ (palette PNGs,
-    255 = ignore), CRF argmax in RUN/refine/crf/. Resumable; parallel over images."""
+    """Dense CRF (or PAMR) on the cam stage's CAA maps -> confidence-guided pseudo masks in RUN/refine/masks/
+    (palette PNGs, 255 = ignore), refined argmax in RUN/refine/crf/. Resumable; parallel over images."""
     from clip_es.refine.crf import CrfParams
+    from clip_es.refine.pamr import PamrParams
     from clip_es.refine.run import RefineConfig, refine_masks
 
-    cfg = RefineConfig(run=str(run), crf=not no_crf, conf=conf, alpha=alpha,
+    try:
+        dilations = tuple(int(d) for d in pamr_dilations.split(","))
+    except ValueError:
+        raise ConfigError(f"--pamr-dilations must be comma-separated whole pixels, e.g. 1,2,4, "
+                          f"got {pamr_dilations!r}") from None
+    cfg = RefineConfig(run=str(run), crf=not no_crf, conf=conf, alpha=alpha, method=method, device=device,
                        crf_params=CrfParams(gauss_sxy=gauss_sxy, gauss_compat=gauss_compat, bi_sxy=bi_sxy,
                                             bi_srgb=bi_srgb, bi_compat=bi_compat, iters=iters),
+                       pamr_params=PamrParams(dilations=dilations, iters=pamr_iters),
                        save_conf=save_conf, max_side=max_side or None, workers=workers, limit=limit,
                        shard=_parse_shard(shard), threads=threads)
     if force:

@@ -146,7 +146,8 @@ class Labeler:
             ``caa_threshold``, ``caa_blocks``, ``sinkhorn_iters``, ``pooling``,
             ``max_side`` (both stages, 1024), ``device`` (``"auto"``), ``precision``
             (``"auto"``), ``batch_size`` (1, for :meth:`label_many`), ``threads``, ``crf``,
-            ``conf`` (0.95), ``alpha``, ``crf_params``.
+            ``conf`` (the method's default: 0.95 for the CRF), ``alpha``, ``method`` (``crf``, ``pamr``),
+            ``crf_params``, ``pamr_params``, ``device`` (of a torch refinement method).
 
     Raises:
         ConfigError: bad classes or options (before the CLIP is loaded).
@@ -169,6 +170,7 @@ class Labeler:
         self.cam_config = CamConfig(dataset="memory", root="", split="", out="", model=model, pretrained=pretrained,
                                     **cam).validate()
         self.refine_config = RefineConfig(run="", **refine).validate()
+        self._refine_device = self.refine_config.refine_device()
         with use_threads(self.cam_config.threads):
             self.engine = build_engine(self.cam_config, self.classes, clip)
 
@@ -279,8 +281,8 @@ class Labeler:
             keys = np.asarray(it.keys, np.int64)
             cam, caa = (np.asarray(a, np.float16).astype(np.float32) for a in (cam, caa))  # the store's precision
             crf, confidence, mask = refine_image(caa, keys, it.size, image, crf=rcfg.crf, conf=rcfg.conf,
-                                                 alpha=rcfg.alpha, crf_params=rcfg.crf_params,
-                                                 max_side=rcfg.max_side)
+                                                 alpha=rcfg.alpha, method=rcfg.method, params=rcfg.method_params(),
+                                                 max_side=rcfg.max_side, device=self._refine_device)
             out.append(PseudoMask([names[k] for k in keys], keys, upsample(cam, it.size), upsample(caa, it.size),
                                   mask, crf, confidence,
                                   None if p is None else {n: float(v) for n, v in zip(names, p)}))

@@ -61,7 +61,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 DATASET_KEYS = ("kind", "split", "class_file", "eval_split")
 MODEL_KEYS = ("model", "pretrained")
 #: Config fields a recipe section does not set (``clipes run`` fills them from --root/--out/[dataset]).
-_NOT_SETTABLE = {"cam": {"dataset", "root", "split", "out", "class_file"}, "refine": {"run", "crf_params"},
+_NOT_SETTABLE = {"cam": {"dataset", "root", "split", "out", "class_file"}, "refine": {"run", "crf_params", "pamr_params"},
                  "train": {"run"}}
 
 

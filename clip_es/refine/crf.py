@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_es.errors import ConfigError
+from clip_es.refine.method import RefineMethod, check_inputs
 
 #: Scores are clipped to this before normalising and taking ``-log`` (a zero score would
 #: give an infinite unary).
@@ -106,10 +107,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParam
     """
     import pydensecrf.densecrf as dcrf
 
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
+    check_inputs(image, probs)
     c, h, w = probs.shape
     if c == 1:
         return np.ones((1, h, w), np.float32)
@@ -121,6 +119,15 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParam
     crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=rgb, compat=params.bi_compat)
     q = np.array(crf.inference(params.iters), dtype=np.float32).reshape(c, h, w)
     return q
+
+
+def _crf_refine(image: np.ndarray, probs: np.ndarray, params: CrfParams, device: str = "cpu") -> np.ndarray:
+    """:func:`dense_crf` as a :data:`~clip_es.refine.method.RefineFn` (pydensecrf runs on the CPU only)."""
+    return dense_crf(image, probs, params)
+
+
+METHOD = RefineMethod(name="crf", refine=_crf_refine, params_field="crf_params", default_conf=0.95,
+                      torch_device=False, summary="dense CRF, pydensecrf2 (CPU only)")
 
 
 def label_lut(keys: np.ndarray) -> np.ndarray:

@@ -1,9 +1,19 @@
-"""The ``refine`` stage: cam-stage CAA maps -> dense CRF -> confidence-guided pseudo masks.
+"""The ``refine`` stage: cam-stage CAA maps -> dense CRF or PAMR -> confidence-guided pseudo masks.
 
 Per image (files listed in :mod:`clip_es.refine.store`): read ``RUN/cam/<id>.npz`` and
-the original image, stack ``[bg, caa_1..caa_K]``, run :func:`~clip_es.refine.crf.dense_crf`
-and write the CRF argmax, the pseudo mask (255 where ``conf < --conf``) and optionally the
-confidence. ``--no-crf`` writes the plain argmax of ``[bg, caa]`` instead.
+the original image, stack ``[bg, caa_1..caa_K]``, refine it with the ``--method`` taken
+from :data:`~clip_es.refine.methods.METHODS` (dense CRF, :func:`~clip_es.refine.crf.dense_crf`,
+by default; PAMR, :func:`~clip_es.refine.pamr.pamr`, on the CPU or a GPU) and write the
+refined argmax (``RUN/refine/crf``, whatever the method), the pseudo mask (255 where
+``conf < --conf``) and optionally the confidence. ``--no-crf`` writes the plain argmax of
+``[bg, caa]`` instead.
+
+Devices. The CRF runs on the CPU. A torch method (PAMR) runs on ``--device`` (``auto``:
+the GPU when there is one, one per rank under ``torchrun``); on a GPU the images are
+refined in this process, one after the other (the GPU's part is milliseconds, so a
+pool of processes would only add CUDA contexts). Its outputs on a GPU may differ from
+the CPU's in a few pixels where two classes tie within float32 rounding; the device is
+not part of the stage parameters.
 
 Working resolution. Images whose longer side exceeds ``RefineConfig.max_side`` (default
 1024 px) are refined at a working size with that longer side: the image is downscaled
@@ -47,11 +57,14 @@ from clip_es.cam.store import CamMaps, load_cam, upsample
 from clip_es.data.image_io import mask_to_png_bytes, read_image
 from clip_es.data.registry import dataset_of_run
 from clip_es.errors import ClipEsError, ConfigError, DatasetError, RunDirError
-from clip_es.refine.crf import CrfParams, conf_to_uint8, dense_crf, labels_from_q, scores_to_probs, stack_scores
+from clip_es.refine.crf import CrfParams, conf_to_uint8, labels_from_q, scores_to_probs, stack_scores
+from clip_es.refine.methods import DEFAULT_METHOD, METHODS, get_method
+from clip_es.refine.pamr import PamrParams
 from clip_es.refine.store import CONF, CRF, MASKS, STAGE, is_valid_png, refine_dir
 from clip_es.rundir import OutputWriteError, RunDir, atomic_write_bytes
 from clip_es.scoring import scores_to_labels
-from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, select_ids, working_size
+from clip_es.stage import (StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids,
+                           working_size)
 from clip_es.threads import process_budget, resolve_threads, threads_from_config
 
 log = logging.getLogger(__name__)
@@ -67,10 +80,16 @@ class RefineConfig:
 
     Attributes:
         run: the run directory (must hold a cam stage).
-        crf: run the dense CRF (``False``: argmax of ``[bg, caa]``, no confidence, no 255).
-        conf: confidence threshold; pixels with ``max_c Q_c < conf`` become 255 in the mask.
+        crf: refine (``False``: argmax of ``[bg, caa]``, no confidence, no 255; the name
+            predates ``method``).
+        conf: confidence threshold; pixels with ``max_c Q_c < conf`` become 255 in the mask;
+            ``None``: the method's own default (:attr:`RefineMethod.default_conf`).
         alpha: background power, ``bg = (1 - max_k caa_k) ** alpha``.
-        crf_params: kernel parameters and iterations.
+        crf_params: kernel parameters and iterations of the CRF.
+        method: refinement method, a key of :data:`~clip_es.refine.methods.METHODS` (``crf``, ``pamr``).
+        pamr_params: PAMR dilations, iterations and ``sigma``.
+        device: torch device of a torch method (``auto``, ``cpu``, ``cuda``, ``cuda:N``); the CRF
+            accepts ``auto`` and ``cpu`` only.
         save_conf: also write ``RUN/refine/conf/<id>.png`` (uint8 ``round(conf * 255)``).
         max_side: working-resolution cap in pixels (see the module doc); ``None`` = refine at
             the original size whatever it is.
@@ -84,9 +103,12 @@ class RefineConfig:
 
     run: str
     crf: bool = True
-    conf: float = 0.95
+    conf: float | None = None
     alpha: float = 1.0
     crf_params: CrfParams = field(default_factory=CrfParams)
+    method: str = DEFAULT_METHOD
+    pamr_params: PamrParams = field(default_factory=PamrParams)
+    device: str = "auto"
     save_conf: bool = False
     max_side: int | None = 1024
     workers: int | None = None
@@ -95,8 +117,15 @@ class RefineConfig:
     threads: int | None = None
 
     def validate(self) -> "RefineConfig":
-        if not 0.0 <= self.conf <= 1.0:
+        method = get_method(self.method)
+        if not 0.0 <= self.resolved_conf() <= 1.0:
             raise ConfigError(f"--conf must be in [0, 1], got {self.conf}")
+        if not self.crf and self.method != DEFAULT_METHOD:
+            raise ConfigError(f"--no-crf refines nothing, so --method {self.method} has no effect; drop one of them")
+        if not method.torch_device and self.device not in ("auto", "cpu"):
+            raise ConfigError(f"--method {method.name} runs on the CPU only, got --device {self.device}; "
+                              "use --device cpu (or auto), or a method that runs on a GPU: "
+                              + ", ".join(name for name, m in METHODS.items() if m.torch_device))
         if not self.alpha > 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
         if self.workers is not None and self.workers < 1:
@@ -111,8 +140,23 @@ class RefineConfig:
         if self.save_conf and not self.crf:
             raise ConfigError("--save-conf needs the CRF (confidence is max_c Q_c); drop --no-crf or --save-conf")
         self.crf_params.validate()
+        self.pamr_params.validate()
         resolve_threads(self.threads)
         return self
+
+    def resolved_conf(self) -> float:
+        """``conf``, or the method's default threshold when ``None``."""
+        return self.conf if self.conf is not None else get_method(self.method).default_conf
+
+    def method_params(self) -> Any:
+        """The parameter dataclass of the chosen method (its :attr:`RefineMethod.params_field`)."""
+        return getattr(self, get_method(self.method).params_field)
+
+    def refine_device(self) -> str:
+        """Where the method runs: ``device`` resolved for a torch method, else ``cpu``."""
+        if self.crf and get_method(self.method).torch_device:
+            return resolve_device(self.device)
+        return "cpu"
 
     def resolved_workers(self) -> int:
         """``workers``, or the thread budget when ``None``; never more than the budget."""
@@ -126,14 +170,18 @@ class RefineConfig:
 def stage_params(cfg: RefineConfig, cam_hash: str | None) -> dict[str, Any]:
     """The parameters that decide the outputs (hashed into the manifest).
 
-    ``save_conf``, ``workers``, ``limit`` and ``shard`` are left out: they change which files
-    are written, not their content.
+    ``save_conf``, ``workers``, ``limit``, ``shard`` and ``device`` are left out: they change
+    which files are written or where they are computed, not their content. ``method`` is
+    left out when it is the default (CRF), so runs made before it existed keep their hash.
     """
     p: dict[str, Any] = {"source": "caa", "crf": cfg.crf, "alpha": cfg.alpha, "cam_hash": cam_hash,
                          "max_side": cfg.max_side}
     if cfg.crf:
-        p["conf"] = cfg.conf
-        p["crf_params"] = asdict(cfg.crf_params)
+        method = get_method(cfg.method)
+        p["conf"] = cfg.resolved_conf()
+        if method.name != DEFAULT_METHOD:
+            p["method"] = method.name
+        p[method.params_field] = asdict(cfg.method_params())
     return p
 
 
@@ -148,9 +196,11 @@ class _Job:
     crf: bool
     conf: float
     alpha: float
-    crf_params: CrfParams
+    method: str
+    params: Any  # the method's parameter dataclass
     save_conf: bool
     max_side: int | None = None
+    device: str = "cpu"
 
     def outputs(self, image_id: str) -> dict[str, Path]:
         """The files this job writes for ``image_id`` (the mask last: its presence marks completion)."""
@@ -179,9 +229,10 @@ class _Job:
                 raise DatasetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its cam maps "
                                    f"are {size[1]}x{size[0]}; the image changed since 'clipes cam' ran; "
                                    "re-run cam into a new run folder")
-            image = fit_image(image, self.max_side)  # the full-size decode is freed before the CRF
+            image = fit_image(image, self.max_side)  # the full-size decode is freed before refining
         labels, conf, mask = refine_image(maps.caa, maps.keys, size, image, crf=self.crf, conf=self.conf,
-                                          alpha=self.alpha, crf_params=self.crf_params, max_side=self.max_side)
+                                          alpha=self.alpha, method=self.method, params=self.params,
+                                          max_side=self.max_side, device=self.device)
         del image
         if self.crf:
             atomic_write_bytes(outs[CRF], mask_to_png_bytes(labels))
@@ -192,8 +243,9 @@ class _Job:
 
 
 def refine_image(caa: np.ndarray, keys: np.ndarray, size: tuple[int, int], image: np.ndarray | None = None, *,
-                 crf: bool = True, conf: float = 0.95, alpha: float = 1.0, crf_params: CrfParams = CrfParams(),
-                 max_side: int | None = 1024) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                 crf: bool = True, conf: float | None = None, alpha: float = 1.0, method: str = DEFAULT_METHOD,
+                 params: Any = None, max_side: int | None = 1024, device: str = "cpu"
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """One image's refine step without files: what ``clipes refine`` computes for it.
 
     Args:
@@ -203,7 +255,9 @@ def refine_image(caa: np.ndarray, keys: np.ndarray, size: tuple[int, int], image
         size: the original image ``(H, W)``.
         image: ``(H, W, 3)`` uint8 RGB, the original or already at the working size
             (:func:`~clip_es.stage.fit_image`); needed only with ``crf``.
-        crf, conf, alpha, crf_params, max_side: as in :class:`RefineConfig`.
+        crf, alpha, method, max_side, device: as in :class:`RefineConfig` (``crf=False``: no refinement).
+        conf: confidence threshold (``None``: the method's default).
+        params: the method's parameter dataclass (``None``: its defaults, as in :class:`RefineConfig`).
 
     Returns:
         ``(labels, confidence, mask)`` at ``size``: ``(H, W)`` uint8 CRF argmax (0 background,
@@ -217,11 +271,14 @@ def refine_image(caa: np.ndarray, keys: np.ndarray, size: tuple[int, int], image
         labels = _to_size(scores_to_labels(keys, caa, alpha), size)
         return labels, None, labels
     if image is None:
-        raise ValueError("refine_image needs the image for the CRF (or crf=False)")
+        raise ValueError("refine_image needs the image to refine (or crf=False)")
+    m = get_method(method)
+    if params is None:
+        params = getattr(RefineConfig(run=""), m.params_field)
     image = fit_image(image, max_side)  # at ``work``
-    q = dense_crf(image, scores_to_probs(stack_scores(caa, alpha)), crf_params)
+    q = m.refine(image, scores_to_probs(stack_scores(caa, alpha)), params, device)
     del image, caa
-    labels, confidence, mask = labels_from_q(q, keys, conf)
+    labels, confidence, mask = labels_from_q(q, keys, m.default_conf if conf is None else conf)
     del q
     return _to_size(labels, size), _to_size(confidence, size), _to_size(mask, size)
 
@@ -269,23 +326,25 @@ def _run_chunk(job: _Job, items: list[tuple[str, str]]) -> list[tuple[str, str, 
         except ClipEsError as e:
             out.append((image_id, "failed", str(e)))
         except MemoryError:
-            out.append((image_id, "failed", f"{image_path}: out of memory in the CRF; lower --max-side "
+            out.append((image_id, "failed", f"{image_path}: out of memory in {job.method}; lower --max-side "
                                             f"(now {job.max_side}) or use fewer --workers"))
     return out
 
 
 def _init_worker() -> None:
-    """Pool worker start-up: one OpenCV thread per process (parallelism comes from the pool).
+    """Pool worker start-up: one OpenCV and one torch thread per process (parallelism comes from the pool).
 
     Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main process alone
     handles it (cancels the pending chunks, lets running ones finish their atomic writes, and
     the CLI prints one "interrupted" line) instead of every worker printing a traceback.
     """
+    import os
     import signal
 
     import cv2
 
     cv2.setNumThreads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # read when a torch method first imports torch in this worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -385,8 +444,11 @@ def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
     for kind in kinds:
         (out / kind).mkdir(exist_ok=True)
         RunDir.sweep_temp(out / kind)
+    method = get_method(cfg.method)
+    device = cfg.refine_device()
     job = _Job(str(cam_dir), str(refine_dir(run, MASKS)), str(refine_dir(run, CRF)), str(refine_dir(run, CONF)),
-               cfg.crf, cfg.conf, cfg.alpha, cfg.crf_params, cfg.save_conf, cfg.max_side)
+               cfg.crf, cfg.resolved_conf(), cfg.alpha, method.name, cfg.method_params(), cfg.save_conf,
+               cfg.max_side, device)
 
     res = StageResult(STAGE, str(run.path))
     items: list[tuple[str, str]] = []
@@ -397,6 +459,9 @@ def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
             res.failed[image_id] = str(e)
     done_ids: list[str] = []
     workers = min(cfg.resolved_workers(), max(1, len(items)))
+    if device != "cpu" and workers > 1:
+        log.info("refining on %s in this process (%d worker processes asked for)", device, workers)
+        workers = 1
     if workers > 1 and (where := unguarded_main_script()):
         log.warning("refine_masks was called at %s outside an 'if __name__ == \"__main__\":' block; worker "
                     "processes would re-run the script, so this run refines in one process. Put the script's "

@@ -20,6 +20,15 @@ Threads: every child runs with ``--threads`` (default 1) compute threads, as
 
 CUDA (``--device cuda``): bf16, batch 1/16/32, workers 2, images/s and
 ``torch.cuda.max_memory_allocated``.
+
+Options for the GPU check (``pipelines/bench/gpu_check.sh``): ``--model clipes-tiny`` runs
+the bundled tiny CLIP instead of the random ViT-B/16 (its dry run); ``--busy`` samples the
+GPU's utilisation (``torch.cuda.utilization``, else ``nvidia-smi``) every 50 ms while a
+row is timed and reports the mean share of samples (``-`` on the CPU); ``--roofline``
+times a square matmul (bf16 on CUDA, fp32 on the CPU) and adds each row's share of that
+roofline: images/s times the image encoder's forward FLOPs per image (linear and
+patch-embedding weights and the attention products at this input size, counted from the
+model; the GradCAM backward and the text side are left out, so it is a lower bound).
 """
 
 from __future__ import annotations
@@ -65,6 +74,91 @@ def save_vit(path: Path) -> None:
     torch.save(open_clip.create_model("ViT-B-16-quickgelu").state_dict(), path)
 
 
+class BusySampler:
+    """Mean GPU utilisation while running (a thread polling every ``period`` s); ``None`` when not measurable."""
+
+    def __init__(self, device: str, period: float = 0.05):
+        import threading
+
+        self.device, self.period, self.samples = device, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _read(self) -> float | None:
+        import torch
+
+        try:
+            return float(torch.cuda.utilization(torch.device(self.device)))
+        except Exception:  # no pynvml: ask nvidia-smi
+            idx = torch.device(self.device).index or 0
+            try:
+                out = subprocess.run(["nvidia-smi", "-i", str(idx), "--query-gpu=utilization.gpu",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                return float(out.stdout.strip().splitlines()[0])
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            v = self._read()
+            if v is not None:
+                self.samples.append(v)
+
+    def __enter__(self) -> "BusySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def matmul_roofline(device: str, n: int = 8192, reps: int = 20) -> tuple[float, str]:
+    """Measured FLOP/s of an ``n x n`` matmul (bf16 on CUDA, fp32 on the CPU, ``n`` capped at 1024 there)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = n if cuda else min(n, 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t), str(dtype).replace("torch.", "")
+
+
+def encoder_flops(model: str, weights: Path | None, hw: tuple[int, int] = (H, W)) -> float:
+    """Forward FLOPs per image of the CLIP image encoder at the cam stage's input for an ``hw`` image."""
+    import torch
+
+    from clip_es.model.inputs import input_size
+    from clip_es.model.resolve import load_clip
+
+    clip = load_clip(model, str(weights) if weights else None, device="cpu")
+    p = clip.patch_size
+    h, w = input_size(hw, 1.0, p)
+    n = (h // p) * (w // p) + 1
+    flops = 0.0
+    for m in clip.visual.modules():
+        if isinstance(m, torch.nn.Linear):
+            flops += 2 * n * m.weight.numel()
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            flops += 2 * n * m.in_proj_weight.numel() + 4 * n * n * m.embed_dim
+        elif isinstance(m, torch.nn.Conv2d):
+            flops += 2 * (n - 1) * m.weight.numel()
+    return flops
+
+
 def child(args) -> None:
     """One configuration: load, warm up on one image, time the stage on all images."""
     import resource
@@ -74,18 +168,23 @@ def child(args) -> None:
     from clip_es.cam.run import CamConfig, generate_cams
     from clip_es.model.resolve import load_clip
 
-    clip = load_clip("ViT-B-16-quickgelu", str(args.weights), device=args.device)
-    base = dict(dataset="folder", root=str(args.data), split="labels", model="ViT-B-16-quickgelu",
-                pretrained=str(args.weights), background="voc", device=args.device, precision=args.precision,
+    pretrained = str(args.weights) if args.weights else None
+    clip = load_clip(args.model, pretrained, device=args.device)
+    base = dict(dataset="folder", root=str(args.data), split="labels", model=args.model,
+                pretrained=pretrained, background="voc", device=args.device, precision=args.precision,
                 batch_size=args.batch_size, workers=args.workers, threads=args.threads)
     generate_cams(CamConfig(out=str(args.out) + "-warm", limit=1, **base), clip=clip, progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    import contextlib
+
+    sampler = BusySampler(args.device) if args.busy and args.device.startswith("cuda") else None
     t = time.perf_counter()
-    res = generate_cams(CamConfig(out=str(args.out), **base), clip=clip, progress=False)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    with sampler or contextlib.nullcontext():
+        res = generate_cams(CamConfig(out=str(args.out), **base), clip=clip, progress=False)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
     dt = time.perf_counter() - t
     from clip_es.rundir import RunDir
 
@@ -94,15 +193,17 @@ def child(args) -> None:
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if args.device.startswith("cuda"):
         out["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    out["busy"] = sampler.mean() if sampler else None
     print("RESULT " + json.dumps(out))
 
 
-def run_child(tmp: Path, weights: Path, data: Path, device: str, precision: str, batch: int, workers: int,
-              threads: int, tag: str) -> dict:
+def run_child(tmp: Path, weights: Path | None, data: Path, device: str, precision: str, batch: int, workers: int,
+              threads: int, tag: str, model: str = "ViT-B-16-quickgelu", busy: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--child", "--weights", str(weights), "--data", str(data), "--device", device,
+    cmd = [sys.executable, __file__, "--child", "--data", str(data), "--device", device,
            "--precision", precision, "--batch-size", str(batch), "--workers", str(workers), "--threads", str(threads),
-           "--out", str(tmp / tag)]
+           "--out", str(tmp / tag), "--model", model] + (["--weights", str(weights)] if weights else [])
+    cmd += ["--busy"] if busy else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{tag} failed:\n{proc.stderr[-3000:]}")
@@ -120,6 +221,10 @@ def main() -> None:
                     "the best")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8; cuda 1,16,32)")
     ap.add_argument("--workers", default=None, help="comma-separated loader workers (default 0,2; cuda 2)")
+    ap.add_argument("--model", default="ViT-B-16-quickgelu", help="ViT-B-16-quickgelu (random weights, default) "
+                    "or clipes-tiny (the bundled tiny CLIP: the GPU check's dry run)")
+    ap.add_argument("--busy", action="store_true", help="sample the GPU's utilisation while each row is timed")
+    ap.add_argument("--roofline", action="store_true", help="measure a matmul roofline and report each row's share")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -137,20 +242,29 @@ def main() -> None:
     workers = [int(w) for w in (args.workers or ("2" if cuda else "0,2")).split(",")]
     precisions = ["bf16"] if cuda and args.precisions == "fp32,bf16,fp16" else args.precisions.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-cam-stage-"))
-    weights, data = tmp / "vit-b-16-random.pt", tmp / "data"
-    save_vit(weights)
+    random_vit = args.model == "ViT-B-16-quickgelu"
+    weights, data = (tmp / "vit-b-16-random.pt" if random_vit else None), tmp / "data"
+    if random_vit:
+        save_vit(weights)
     make_images(data, n)
+    roof = None
+    if args.roofline:
+        roof, roof_dtype = matmul_roofline(args.device)
+        flops = encoder_flops(args.model, weights)
+        print(f"roofline: {roof_dtype} matmul {roof / 1e12:.2f} TFLOP/s on {args.device}; image encoder forward "
+              f"{flops / 1e9:.2f} GFLOP per image, so at most {roof / flops:.1f} img/s")
     from clip_es.model.precision import cpu_has_bf16, resolve_precision
 
     auto = resolve_precision("auto", args.device)
-    print(f"cam stage, random-weight ViT-B/16 (quickgelu), {n} images {W}x{H} (input 512x384, 768 tokens), "
+    print(f"cam stage, {'random-weight ViT-B/16 (quickgelu)' if random_vit else args.model}, {n} images {W}x{H} (input 512x384, 768 tokens), "
           f"3 labels each, VOC background words; device {args.device}; {args.threads} compute thread(s) "
           f"(OMP_NUM_THREADS={args.threads}), loader workers 1 thread each; --precision auto resolves to {auto} "
           f"here (CPU avx512_bf16/AMX: {cpu_has_bf16()})")
     rows = []
     for rnd in range(args.rounds):  # round-robin: every row sees the same spread of machine load
         for i, (p, b, w) in enumerate((p, b, w) for p in precisions for b in batches for w in workers):
-            r = run_child(tmp, weights, data, args.device, p, b, w, args.threads, f"{p}-b{b}-w{w}-r{rnd}")
+            r = run_child(tmp, weights, data, args.device, p, b, w, args.threads, f"{p}-b{b}-w{w}-r{rnd}",
+                          args.model, args.busy)
             r.update(asked=p, batch=b, workers=w, tag=f"{p}-b{b}-w{w}-r{rnd}")
             if rnd == 0:
                 rows.append(r)
@@ -161,6 +275,10 @@ def main() -> None:
     head = f"{'precision':<10}{'batch':>6}{'workers':>8}{'img/s':>9}{'ratio':>8}{'peak RSS GB':>13}"
     if cuda:
         head += f"{'GPU mem GB':>12}"
+    if args.busy:
+        head += f"{'GPU busy %':>12}"
+    if roof:
+        head += f"{'roofline %':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -168,6 +286,10 @@ def main() -> None:
                 f"{r['img_s'] / ref['img_s']:>7.2f}x{r['peak_rss_gb']:>13.2f}")
         if cuda:
             line += f"{r['gpu_mem_gb']:>12.2f}"
+        if args.busy:
+            line += f"{r['busy']:>12.1f}" if r.get("busy") is not None else f"{'-':>12}"
+        if roof:
+            line += f"{100 * r['img_s'] * flops / roof:>12.2f}"
         print(line)
     print(f"ratio: images/s over {ref['asked']} batch {ref['batch']} workers {ref['workers']} (today's path); "
           f"best of {args.rounds} round(s)")
