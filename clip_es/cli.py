@@ -206,8 +206,9 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                       "else fp32), fp32, bf16 or fp16. Gradients and CAA stay fp32/fp64."),
         batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks "
                                        "(grouped by working size); fp32 maps are identical at any value."),
-        workers: int = typer.Option(0, "--workers", "-j", help="Data-loader processes decoding and resizing "
-                                    "images ahead (0: in this process)."),
+        workers: str = typer.Option("auto", "--workers", "-j", help="Data-loader processes decoding and resizing "
+                                    "images ahead: a number (0: in this process) or auto (0 on a CPU, up to 8 on "
+                                    "CUDA)."),
         threads: Optional[int] = ThreadsOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
         shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I."),
@@ -414,6 +415,8 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                                         "cam): auto, fp32, bf16 or fp16."),
           batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks (as in "
                                          "cam)."),
+          cam_workers: str = typer.Option("auto", "--cam-workers", help="Data-loader processes of the cam step (as "
+                                          "cam's --workers): a number or auto (0 on a CPU, up to 8 on CUDA)."),
           threads: Optional[int] = ThreadsOpt) -> None:
     """Label a folder of images in one command: labels (yours, or CLIP's zero-shot guess), CAMs, refined masks,
     exported as PNGs and one COCO file."""
@@ -424,7 +427,7 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                       threshold=threshold, model=model, pretrained=pretrained,
                       templates=_templates(template, templates), background=background, conf=conf,
                       max_side=max_side or None, workers=workers, device=device, precision=precision,
-                      batch_size=batch_size, threads=threads)
+                      batch_size=batch_size, cam_workers=cam_workers, threads=threads)
     res = label_folder(cfg)
     typer.echo(res.summary())
     if not res.ok:
