@@ -106,26 +106,24 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
         return GradCamOutput(torch.zeros((b, 0, h, w), device=x.device), attn[:, 1:, 1:],
                              torch.zeros((b, 0), device=x.device))
     m = max(t.shape[0] for t in texts)
-    text = torch.zeros((b, m, texts[0].shape[1]), device=x.device, dtype=texts[0].dtype)
-    valid = torch.zeros((b, m), dtype=torch.bool)
     onehot = torch.zeros((k, b, m))
-    for i, (t, ki) in enumerate(zip(texts, n_targets)):
-        text[i, :t.shape[0]] = t
-        valid[i, :t.shape[0]] = True
+    for i, ki in enumerate(n_targets):
         onehot[torch.arange(ki), i, torch.arange(ki)] = 1.0
     # A softmax over a single row is 1 whatever the image: its gradient is zero and every
     # CAM would be empty. With one target and no background words, use the logit.
-    soft = torch.tensor([use_softmax and t.shape[0] > 1 for t in texts])[:, None]
-    valid, soft = valid.to(x.device), soft.to(x.device)
+    soft = torch.tensor([use_softmax and t.shape[0] > 1 for t in texts])[:, None].to(x.device)
 
     with torch.enable_grad():
         a = blk.ln_1(x).detach().requires_grad_(True)  # the activations A (B, 1+N, C)
         y, probs_attn = attention(blk.attn, a, need_weights=True)  # explicit softmax: vmappable
         out = x + blk.ls_1(y)
         out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
-        img = F.normalize(pool_tokens(visual, out, pooling), dim=-1)  # (B, D)
-        logits = logit_scale * (img[:, None, :] @ text.transpose(1, 2))[:, 0]  # (B, M)
-        logits = logits.masked_fill(~valid, float("-inf"))
+        # The pooled projection and the logits are one-row products per image: a B-row GEMM
+        # takes another kernel (and rounding) than a one-row one, so this keeps every image's
+        # maps what it gets alone; the other ops are row-wise or batched matmuls.
+        logits = torch.cat([F.pad(logit_scale * F.normalize(pool_tokens(visual, out[i:i + 1], pooling), dim=-1)
+                                  @ t.t(), (0, m - t.shape[0]), value=float("-inf"))
+                            for i, t in enumerate(texts)])  # (B, M)
         scores = torch.where(soft, logits.softmax(-1), logits)
         eye = onehot.to(scores.device, scores.dtype)  # (K, B, M)
         if mode == "batched":

@@ -97,7 +97,7 @@ class CamConfig:
         shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
         batch_size: images per forward (grouped by working size): the frozen blocks, the last
             block with its GradCAM backward and CAA all run on the batch at once. fp32 maps
-            equal batch 1's to rounding (within 1e-6; byte-identical on this CPU).
+            equal batch 1's to rounding (within 1e-6).
         workers: data-loader processes decoding and resizing images ahead (0 = in this
             process); ``auto`` = 0 on a CPU (decoding is a small share there and spawned
             workers compete for the cores), several on CUDA (:func:`resolve_workers`).
