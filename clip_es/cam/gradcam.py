@@ -75,7 +75,8 @@ def softmax_gradcam(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[in
 def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tuple[int, int],
                           texts: list[torch.Tensor], n_targets: list[int], logit_scale: float,
                           pooling: Pooling = "mean", use_softmax: bool = True,
-                          mode: Literal["batched", "loop"] = "batched") -> GradCamOutput:
+                          mode: Literal["batched", "loop"] = "batched",
+                          autocast_dtype: torch.dtype | None = None) -> GradCamOutput:
     """:func:`softmax_gradcam` for ``B`` images of one grid at once: one last-block forward and
     one backward for every target of every image.
 
@@ -88,6 +89,9 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
     Args:
         penultimate: ``(B, 1 + N, C)`` tokens entering the last block.
         texts, n_targets: per image, as ``text`` and ``n_targets`` of :func:`softmax_gradcam`.
+        autocast_dtype: run the block's forward (and so its backward) under ``torch.autocast``
+            with this dtype; ``None`` (the stage's choice) = fp32. The activations ``A``, their
+            gradients and the CAMs stay fp32 either way.
 
     Returns:
         :class:`GradCamOutput` with a batch dim: ``cam`` ``(B, K, h, w)`` (rows
@@ -115,9 +119,11 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
 
     with torch.enable_grad():
         a = blk.ln_1(x).detach().requires_grad_(True)  # the activations A (B, 1+N, C)
-        y, probs_attn = attention(blk.attn, a, need_weights=True)  # explicit softmax: vmappable
-        out = x + blk.ls_1(y)
-        out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            y, probs_attn = attention(blk.attn, a, need_weights=True)  # explicit softmax: vmappable
+            out = x + blk.ls_1(y)
+            out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
+        out = out.float()
         # The pooled projection and the logits are one-row products per image: a B-row GEMM
         # takes another kernel (and rounding) than a one-row one, so this keeps every image's
         # maps what it gets alone; the other ops are row-wise or batched matmuls.

@@ -50,7 +50,7 @@ from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dat
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
 from clip_es.model.inputs import input_size, normalise, preprocess, resize_input  # noqa: F401 (preprocess re-exported)
-from clip_es.model.precision import PRECISIONS, autocast, resolve_precision
+from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
@@ -243,6 +243,9 @@ class CamEngine:
     bg_text: torch.Tensor
     cfg: CamConfig
     precision: str = "fp32"
+    #: precision of the last block's forward and backward (``fp32``; ``bf16``/``fp16`` only for
+    #: measurements: see docs/cam.md, "the last block in reduced precision")
+    last_block: str = "fp32"
     #: set once a reduced-precision batch had to be redone in fp32 (warned once per engine)
     redone_fp32: bool = field(default=False, repr=False)
 
@@ -287,7 +290,8 @@ class CamEngine:
         d = self._frozen(x)
         texts = [torch.cat([self.class_text[k], self.bg_text], 0) for k in keys]
         g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
-                                  c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode)
+                                  c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
+                                  autocast_dtype=autocast_dtype(self.last_block))
         if not cfg.caa or g.cam.shape[1] == 0:
             return g.cam, g.cam.clone()
         last = g.attn_last.double()

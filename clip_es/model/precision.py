@@ -31,6 +31,7 @@ from clip_es.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -94,6 +95,13 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def autocast_dtype(precision: str):
+    """The ``torch`` dtype autocast uses for a resolved precision; ``None`` for ``fp32``."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 @contextlib.contextmanager
 def autocast(precision: str, device: str) -> Iterator[None]:
     """``torch.autocast`` for a resolved ``bf16``/``fp16``; for ``fp32`` no autocast, and on CUDA
@@ -111,6 +119,5 @@ def autocast(precision: str, device: str) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = before
         return
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=dtype):
+    with torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=autocast_dtype(precision)):
         yield
