@@ -261,10 +261,12 @@ class CamEngine:
             d = dense_forward(visual, x, attn_blocks=attn_blocks)
         if self.precision == "fp32":
             return d
-        finite = torch.isfinite(d.penultimate).all()
+        # a non-finite value makes the fp32 sum non-finite (finite values cannot overflow it:
+        # |activations| stay far below 3e38 / numel); one reduction and one host sync per batch
+        total = d.penultimate.float().sum()
         if d.attn_sum is not None:
-            finite &= torch.isfinite(d.attn_sum).all()
-        if bool(finite):  # one host sync per batch, reduced precision only
+            total = total + d.attn_sum.sum()
+        if bool(torch.isfinite(total)):
             return d
         if not self.redone_fp32:
             log.warning("cam: a --precision %s batch overflowed (non-finite activations); such batches are "
@@ -558,8 +560,17 @@ def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
     yield from loader
 
 
-#: Threads writing records (compression releases the GIL, so a few overlap).
+#: The most threads writing records (compression releases the GIL, so a few overlap).
 WRITER_THREADS = 4
+
+
+def writer_threads() -> int:
+    """Record writers: the thread budget (:func:`~clip_es.threads.default_threads`), at most
+    :data:`WRITER_THREADS`: on a one-thread budget one writer, so writers do not contend with
+    the computation for the GIL and the core."""
+    from clip_es.threads import default_threads
+
+    return max(1, min(WRITER_THREADS, default_threads()))
 
 
 class _Writer:
@@ -643,7 +654,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             bar.update(1)
         log.warning("%s", reason)
 
-    writer = _Writer(written, depth=2 * batch_size)
+    writer = _Writer(written, depth=2 * batch_size, threads=writer_threads())
 
     def run(batch: list[Prepared]) -> None:
         oom = None
