@@ -202,10 +202,12 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "0 = no cap."),
         device: str = DeviceOpt,
         precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward: auto "
-                                      "(bf16 on GPUs and CPUs that compute it natively: avx512_bf16 or AMX; "
-                                      "else fp32), fp32, bf16 or fp16. Gradients and CAA stay fp32/fp64."),
-        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks "
-                                       "(grouped by working size); fp32 maps are identical at any value."),
+                                      "(bf16 where it is native: GPUs of compute capability 8.0 and newer, CPUs "
+                                      "with avx512_bf16 or AMX; else fp32), fp32, bf16 or fp16. Gradients and CAA "
+                                      "stay fp32/fp64."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (grouped by working size): "
+                                       "frozen blocks, last block, GradCAM and CAA; fp32 maps equal batch 1's "
+                                       "within 1e-6."),
         workers: str = typer.Option("auto", "--workers", "-j", help="Data-loader processes decoding and resizing "
                                     "images ahead: a number (0: in this process) or auto (0 on a CPU, up to 8 on "
                                     "CUDA)."),

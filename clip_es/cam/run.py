@@ -17,10 +17,19 @@ image is alive at a time); a larger CLIP adds its weights and activations at
 batch and each loader worker holds a few decoded images ahead.
 
 Speed (``precision``, ``batch_size``, ``workers``, ``threads``; see ``docs/cam.md``).
-The frozen blocks may run under autocast; the last block, GradCAM and CAA never do.
-Images are grouped by working size into batches for the frozen blocks; records are
-written by a background thread (each write atomic, in order; the first write error
+The frozen blocks may run under autocast; the last block, GradCAM and CAA never do (a
+reduced-precision batch whose activations are not finite is computed again in fp32, with
+one warning). Images are grouped by working size into batches; the frozen blocks, the last
+block with its GradCAM backward and CAA (``T @ (T @ v)`` in float64, never the N x N
+square) each run once per batch, and the maps leave the device once per batch. Loader
+workers send uint8 inputs, normalised on the model's device. Records are written by a
+small thread pool (each write atomic, in any order, not fsynced; the first write error
 stops the stage and is raised here).
+
+Devices. :func:`~clip_es.stage.resolve_device` picks the device (``cuda:LOCAL_RANK % GPUs``
+under torchrun) and :func:`~clip_es.stage.bind_device` makes it current. Out of memory on
+a batch (also cuBLAS/cuDNN allocation failures) retries its images one by one once the
+failed attempt is freed; an image that does not fit alone is recorded as failed.
 
 Failures. Per-image problems (:class:`~clip_es.errors.DatasetError`: unreadable image,
 bad label XML, bad GT when labels come from it; or out of memory on one image) are
@@ -397,7 +406,7 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
 
     Images are decoded and preprocessed ahead (in ``cfg.workers`` data-loader processes,
     or inline), grouped by working size into batches of ``cfg.batch_size`` for the frozen
-    forward, and their records are written by a background thread (atomically, as
+    forward, and their records are written by a small thread pool (atomically, as
     before); a write error stops the stage at once, with the records already written kept.
 
     Returns:

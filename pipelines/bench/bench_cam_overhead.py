@@ -78,7 +78,7 @@ def child(args) -> None:
     assert Path(clip_es.__file__).resolve().is_relative_to(args.code.resolve()), clip_es.__file__
     clip = load_clip(args.model, args.pretrained)
     base = dict(dataset="folder", root=str(args.data), split="labels", model=args.model, pretrained=args.pretrained,
-                background="voc", device="cpu", threads=1)
+                background="voc", device="cpu", threads=1, batch_size=args.batch_size)
     generate_cams(CamConfig(out=str(args.out) + "-warm", limit=1, **base), clip=clip, progress=False)
     from clip_es.cam import gradcam as gradcam_mod
     from clip_es.cam import run as run_mod
@@ -99,10 +99,11 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def run_child(code: Path, data: Path, model: str, pretrained: str | None, out: Path, clip_time: bool) -> dict:
+def run_child(code: Path, data: Path, model: str, pretrained: str | None, out: Path, clip_time: bool,
+              batch: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", "--code", str(code), "--data", str(data), "--model", model,
-           "--out", str(out)] + (["--pretrained", pretrained] if pretrained else []) + (["--clip-time"] if clip_time
-                                                                                        else [])
+           "--out", str(out), "--batch-size", str(batch)] + (["--pretrained", pretrained] if pretrained else []) + (
+        ["--clip-time"] if clip_time else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(code)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
     if proc.returncode != 0:
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--n-tiny", type=int, default=24)
     ap.add_argument("--n-vit", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tiny-batches", default="1,8", help="batch sizes of part 1 (1 = the default)")
+    ap.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--code", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -179,8 +182,9 @@ def main() -> None:
           f"{resolve_precision('auto', 'cpu')} on this CPU; best of {args.rounds} alternating round(s)")
 
     make_images(tmp / "tiny-data", args.n_tiny, (224, 224))
-    tiny = best_of(code, args.rounds, tmp, "tiny", data=tmp / "tiny-data", model="clipes-tiny", pretrained=None,
-                   clip_time=True)
+    batches = [int(b) for b in args.tiny_batches.split(",")]
+    tiny = {b: best_of(code, args.rounds, tmp, f"tiny-b{b}", data=tmp / "tiny-data", model="clipes-tiny",
+                       pretrained=None, clip_time=True, batch=b) for b in batches}
     weights = tmp / "vit-b-16-random.pt"
     save_vit(weights)
     make_images(tmp / "vit-data", args.n_vit)
@@ -188,17 +192,18 @@ def main() -> None:
                   pretrained=str(weights), clip_time=False)
 
     print(f"\n1. host overhead per image, clipes-tiny, {args.n_tiny} images 224x224 (ms per image)")
-    print(f"{'code':<6}{'stage':>9}{'clip':>9}{'overhead':>10}")
-    for name in code:
-        r = tiny[name]
-        print(f"{name:<6}{r['stage'] * 1e3:>9.2f}{r['clip'] * 1e3:>9.2f}{r['overhead'] * 1e3:>10.2f}")
-    print(f"overhead old/new: {tiny['old']['overhead'] / tiny['new']['overhead']:.2f}x   "
-          f"stage old/new: {tiny['old']['stage'] / tiny['new']['stage']:.2f}x")
+    print(f"{'batch':<6}{'code':<6}{'stage':>9}{'clip':>9}{'overhead':>10}")
+    for b, res in tiny.items():
+        for name in code:
+            r = res[name]
+            print(f"{b:<6}{name:<6}{r['stage'] * 1e3:>9.2f}{r['clip'] * 1e3:>9.2f}{r['overhead'] * 1e3:>10.2f}")
+        print(f"batch {b}: overhead old/new {res['old']['overhead'] / res['new']['overhead']:.2f}x, "
+              f"stage old/new {res['old']['stage'] / res['new']['stage']:.2f}x")
     print(f"\n2. default cam speed, random ViT-B/16, {args.n_vit} images 500x375 (s per image)")
     for name in code:
         print(f"{name:<6}{vit[name]['stage']:>9.3f} s  ({1 / vit[name]['stage']:.3f} img/s)")
     print(f"speed new/old: {vit['old']['stage'] / vit['new']['stage']:.2f}x")
-    for tag, res in (("clipes-tiny", tiny), ("ViT-B/16", vit)):
+    for tag, res in (("clipes-tiny", tiny[batches[0]]), ("ViT-B/16", vit)):
         a = agreement(res["old"]["run"], res["new"]["run"])
         print(f"new vs old records, {tag}: argmax agreement CAM {a['cam']:.2f} %, CAA {a['caa']:.2f} %; "
               f"max abs CAM {a['cam_max_abs']:.2e}, CAA {a['caa_max_abs']:.2e}")
