@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,12 +111,12 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
         return GradCamOutput(torch.zeros((b, 0, h, w), device=x.device), attn[:, 1:, 1:],
                              torch.zeros((b, 0), device=x.device))
     m = max(t.shape[0] for t in texts)
-    onehot = torch.zeros((k, b, m))
+    onehot = np.zeros((k, b, m), np.float32)  # cotangent j picks target j of every image (built on the host)
     for i, ki in enumerate(n_targets):
-        onehot[torch.arange(ki), i, torch.arange(ki)] = 1.0
+        onehot[np.arange(ki), i, np.arange(ki)] = 1.0
     # A softmax over a single row is 1 whatever the image: its gradient is zero and every
     # CAM would be empty. With one target and no background words, use the logit.
-    soft = torch.tensor([use_softmax and t.shape[0] > 1 for t in texts])[:, None].to(x.device)
+    soft = [use_softmax and t.shape[0] > 1 for t in texts]
 
     with torch.enable_grad():
         a = blk.ln_1(x).detach().requires_grad_(True)  # the activations A (B, 1+N, C)
@@ -130,8 +131,11 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
         logits = torch.cat([F.pad(logit_scale * F.normalize(pool_tokens(visual, out[i:i + 1], pooling), dim=-1)
                                   @ t.t(), (0, m - t.shape[0]), value=float("-inf"))
                             for i, t in enumerate(texts)])  # (B, M)
-        scores = torch.where(soft, logits.softmax(-1), logits)
-        eye = onehot.to(scores.device, scores.dtype)  # (K, B, M)
+        if all(soft) or not any(soft):
+            scores = logits.softmax(-1) if soft[0] else logits
+        else:
+            scores = torch.where(torch.tensor(soft, device=x.device)[:, None], logits.softmax(-1), logits)
+        eye = torch.from_numpy(onehot).to(scores.device, scores.dtype)  # (K, B, M)
         if mode == "batched":
             (grads,) = torch.autograd.grad(scores, a, grad_outputs=eye, is_grads_batched=True)  # (K, B, 1+N, C)
         elif mode == "loop":
