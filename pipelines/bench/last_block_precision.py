@@ -26,12 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_cam_stage import make_images  # noqa: E402
 
 from clip_es.cam.run import CamConfig, build_engine  # noqa: E402
 from clip_es.cam.store import upsample  # noqa: E402
@@ -85,20 +87,6 @@ def report(title: str, res: dict[str, dict]) -> None:
               f"{ref['s_per_img'] / r['s_per_img']:>6.2f}x")
 
 
-def photos(root: Path, n: int) -> None:
-    from clip_es.data.toy import TOY_CLASSES, scene_for
-
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        scene = scene_for(11, i, (375 // 2, 500 // 2))
-        img = cv2.resize(scene.image, (500, 375), interpolation=cv2.INTER_LINEAR)
-        cv2.imwrite(str(root / "images" / f"img{i:03d}.jpg"), img[..., ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        lines.append(f"img{i:03d}," + ";".join(TOY_CLASSES[(i + j) % len(TOY_CLASSES)] for j in range(3)))
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in TOY_CLASSES))
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", type=int, default=200, help="held-out toy images (clipes-tiny)")
@@ -119,7 +107,7 @@ def main() -> None:
 
             torch.manual_seed(0)
             torch.save(open_clip.create_model("ViT-B-16-quickgelu").state_dict(), tmp / "vitb16.pt")
-            photos(tmp / "photos", args.photos)
+            make_images(tmp / "photos", args.photos)
             ds = open_dataset("folder", tmp / "photos", "labels")
             clip = load_clip("ViT-B-16-quickgelu", str(tmp / "vitb16.pt"))
             report(f"random ViT-B/16, {args.photos} synthetic 500x375 photos, 3 labels each",
