@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from clip_es.cam.caa import balanced_transition, caa_refine
 from clip_es.cam.gradcam import softmax_gradcam_batch
-from clip_es.cam.store import is_valid_cam, save_cam, upsample
+from clip_es.cam.store import is_valid_cam, save_cam
 from clip_es.data.base import ClassSpec
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError, DatasetError

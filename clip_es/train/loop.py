@@ -300,7 +300,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None  # cuda:I -> [I]
+        net = DistributedDataParallel(model, device_ids=device_ids)
 
     sampler = StepBatchSampler(len(ids), cfg.batch_size, cfg.steps, start, info.rank, info.world, cfg.seed)
     mean255 = tuple(int(round(255 * m)) for m in arch.mean)
