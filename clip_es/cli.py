@@ -45,7 +45,8 @@ PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip pretrained ta
 TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Prompt template with one {} (repeatable; several are "
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available); under torchrun "
+                          "auto and cuda give each local rank its own GPU (LOCAL_RANK % GPUs).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for the computation (default: OMP_NUM_THREADS if "
                                                   "set, else torch's default (the physical cores) capped at the CPUs "
                                                   "this process may use). On a machine shared "
