@@ -45,7 +45,8 @@ PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip pretrained ta
 TemplateOpt = typer.Option(None, "--template", "-t", metavar="TEXT", help="Prompt template with one {} (repeatable; several are "
                                                           "averaged). Default: 'a clean origami {}.'")
 TemplatesFileOpt = typer.Option(None, "--templates", help="File with one template per line (adds to --template).")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available); under torchrun "
+                          "auto and cuda give each local rank its own GPU (LOCAL_RANK % GPUs).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for the computation (default: OMP_NUM_THREADS if "
                                                   "set, else torch's default (the physical cores) capped at the CPUs "
                                                   "this process may use). On a machine shared "
@@ -202,12 +203,15 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                      "0 = no cap."),
         device: str = DeviceOpt,
         precision: str = typer.Option("auto", "--precision", help="Precision of the frozen CLIP forward: auto "
-                                      "(bf16 on GPUs and CPUs that compute it natively: avx512_bf16 or AMX; "
-                                      "else fp32), fp32, bf16 or fp16. Gradients and CAA stay fp32/fp64."),
-        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks "
-                                       "(grouped by working size); fp32 maps are identical at any value."),
-        workers: int = typer.Option(0, "--workers", "-j", help="Data-loader processes decoding and resizing "
-                                    "images ahead (0: in this process)."),
+                                      "(bf16 where it is native: GPUs of compute capability 8.0 and newer, CPUs "
+                                      "with avx512_bf16 or AMX; else fp32), fp32, bf16 or fp16. Gradients and CAA "
+                                      "stay fp32/fp64."),
+        batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (grouped by working size): "
+                                       "frozen blocks, last block, GradCAM and CAA; fp32 maps equal batch 1's "
+                                       "within 1e-6."),
+        workers: str = typer.Option("auto", "--workers", "-j", help="Data-loader processes decoding and resizing "
+                                    "images ahead: a number (0: in this process) or auto (0 on a CPU, up to 8 on "
+                                    "CUDA)."),
         threads: Optional[int] = ThreadsOpt,
         limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split."),
         shard: str = typer.Option("0/1", "--shard", help="I/N: process every N-th image starting at I."),
@@ -436,6 +440,8 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                                         "cam): auto, fp32, bf16 or fp16."),
           batch_size: int = typer.Option(1, "--batch-size", help="Images per forward of the frozen blocks (as in "
                                          "cam)."),
+          cam_workers: str = typer.Option("auto", "--cam-workers", help="Data-loader processes of the cam step (as "
+                                          "cam's --workers): a number or auto (0 on a CPU, up to 8 on CUDA)."),
           threads: Optional[int] = ThreadsOpt) -> None:
     """Label a folder of images in one command: labels (yours, or CLIP's zero-shot guess), CAMs, refined masks,
     exported as PNGs and one COCO file."""
@@ -446,7 +452,7 @@ def label(images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg 
                       threshold=threshold, model=model, pretrained=pretrained,
                       templates=_templates(template, templates), background=background, conf=conf,
                       max_side=max_side or None, workers=workers, device=device, precision=precision,
-                      batch_size=batch_size, threads=threads)
+                      batch_size=batch_size, cam_workers=cam_workers, threads=threads)
     res = label_folder(cfg)
     typer.echo(res.summary())
     if not res.ok:

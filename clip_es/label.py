@@ -88,6 +88,8 @@ class LabelConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         precision, batch_size, threads: the cam stage's speed options (see :class:`CamConfig`);
             ``threads`` also bounds refine.
+        cam_workers: the cam stage's loader processes (``auto``: 0 on a CPU, several on CUDA;
+            see :func:`clip_es.cam.run.resolve_workers`).
     """
 
     images: str
@@ -106,6 +108,7 @@ class LabelConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 1
+    cam_workers: int | str = "auto"
     threads: int | None = None
 
     def validate(self) -> "LabelConfig":
@@ -121,6 +124,9 @@ class LabelConfig:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         check_templates(self.templates)
+        from clip_es.cam.run import resolve_workers
+
+        resolve_workers(self.cam_workers, "cpu")
         if not Path(self.images).is_dir():
             raise DatasetError(f"IMAGES {self.images} is not a folder; pass the folder that holds your images")
         if self.labels is not None and not Path(self.labels).is_file():
@@ -372,7 +378,8 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                                       out=str(out), class_file=str(class_file.resolve()), model=cfg.model,
                                       pretrained=cfg.pretrained, templates=cfg.templates,
                                       background=cfg.background, max_side=cfg.max_side, device=cfg.device,
-                                      precision=cfg.precision, batch_size=cfg.batch_size, threads=cfg.threads),
+                                      precision=cfg.precision, batch_size=cfg.batch_size, workers=cfg.cam_workers,
+                                      threads=cfg.threads),
                             clip=clip, progress=progress)
     res.refine = refine_masks(RefineConfig(run=str(out), conf=cfg.conf, max_side=cfg.max_side, workers=cfg.workers,
                                            threads=cfg.threads), progress=progress)

@@ -93,8 +93,12 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb", fsync: bool = True) -> None:
     """Write ``path`` atomically: ``write(fileobj)`` into a temp file beside it, fsync, rename.
+
+    ``fsync=False`` skips the fsync: still atomic for readers and against a killed process,
+    but after a power loss the file may be empty or torn (for outputs that resume validates
+    and recomputes, such as cam records).
 
     On any error the temp file is removed and ``path`` is untouched; an ``OSError``
     (disk full, read-only folder...) becomes :class:`OutputWriteError`, others are re-raised.
@@ -109,7 +113,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             write(f)
             f.flush()
             os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask'd mode
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):  # the error below is what matters; a leftover is swept later
@@ -119,8 +124,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(data), fsync=fsync)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -7,6 +7,7 @@ stay light.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,20 +49,79 @@ class StageResult:
         return s
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit values."""
-    import torch
+def pick_device(requested: str, local_rank: int | None, cuda_count: int) -> str:
+    """The device one process computes on: a pure function of what it was asked and where it runs.
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local process
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        return device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device must be cpu, cuda or auto, got {device!r}")
-    return device
+    Args:
+        requested: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        local_rank: torchrun's ``LOCAL_RANK`` (``None`` outside torchrun).
+        cuda_count: CUDA devices this process sees (``torch.cuda.device_count()``; 0 without CUDA).
+
+    Returns:
+        ``cpu``, or ``cuda:I`` with an explicit index: for ``auto`` (with a GPU) and ``cuda``,
+        ``I = LOCAL_RANK % cuda_count`` (0 outside torchrun), so N ranks on N GPUs get one each
+        and launchers that give every rank its own ``CUDA_VISIBLE_DEVICES`` (one visible
+        device) all get ``cuda:0``; an explicit ``cuda:N`` is kept as asked.
+
+    Raises:
+        ConfigError: an unknown value, CUDA asked for without a CUDA device, or an index
+            beyond the visible devices.
+    """
+    if requested == "cpu" or (requested == "auto" and cuda_count < 1):
+        return "cpu"
+    if requested not in ("auto", "cuda") and not requested.startswith("cuda:"):
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N or auto, got {requested!r}")
+    if cuda_count < 1:
+        raise ConfigError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
+    if requested in ("auto", "cuda"):
+        return f"cuda:{(local_rank or 0) % cuda_count}"
+    index = requested.partition(":")[2]
+    if not index.isdigit():
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N or auto, got {requested!r}")
+    if int(index) >= cuda_count:
+        raise ConfigError(f"--device {requested}: only {cuda_count} CUDA device(s) visible (cuda:0.."
+                          f"cuda:{cuda_count - 1}); check CUDA_VISIBLE_DEVICES or pass --device cuda")
+    return f"cuda:{int(index)}"
+
+
+def resolve_device(device: str) -> str:
+    """:func:`pick_device` for this process (``LOCAL_RANK`` and the visible CUDA devices).
+
+    Every command (cam, prompts, train, segment, label, zero-shot) resolves its ``--device``
+    here, so under ``torchrun`` each local rank gets its own GPU whatever it was asked.
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and not local.strip().isdigit():
+        raise ConfigError(f"malformed torchrun environment: LOCAL_RANK={local!r}")
+    count = 0
+    if device != "cpu":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return pick_device(device, int(local) if local is not None else None, count)
+
+
+def bind_device(device: str) -> None:
+    """Make ``device`` (from :func:`resolve_device`) this process's current CUDA device; no-op on CPU.
+
+    NCCL collectives, ``pin_memory`` threads, autocast and ``empty_cache`` act on the
+    current device, so a rank that computes on ``cuda:1`` must also make it current.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure of one batch: ``MemoryError``, CUDA's
+    ``OutOfMemoryError``, and the plain ``RuntimeError`` cuBLAS/cuDNN raise when their
+    workspace allocation fails (``CUBLAS_STATUS_ALLOC_FAILED``, ``CUDNN_STATUS_ALLOC_FAILED``)."""
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUBLAS_STATUS_ALLOC_FAILED",
+                                                                     "CUDNN_STATUS_ALLOC_FAILED"))
 
 
 def working_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:

@@ -168,12 +168,13 @@ def test_shards_union_equals_full_run(toy_root, tiny_clip_path, tmp_path):
     assert full == sharded
 
 
-def test_multiscale_flip_and_ablations(toy_root, tiny_clip_path, tmp_path):
+def test_multiscale_flip_and_ablations(toy_root, tiny_clip, tiny_clip_path, tmp_path):
     res = generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "ms", scales=(1.0, 0.5), flip=True, limit=2),
                         progress=False)
     assert res.ok
     rec = load_cam(next((tmp_path / "ms" / "cam").glob("*.npz")), full_size=False)
-    assert rec.cam.shape[1:] == rec.size  # full-size storage for multi-view
+    with np.load(next((tmp_path / "ms" / "cam").glob("*.npz"))) as z:  # stored at the patch grid, as one view
+        assert rec.cam.shape[1:] == tuple(-(-int(v) // tiny_clip.patch_size) for v in z["size"])
     res = generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "nocaa", caa=False, softmax=False,
                              background="none", limit=2), progress=False)
     rec = load_cam(next((tmp_path / "nocaa" / "cam").glob("*.npz")))

@@ -17,6 +17,7 @@ from PIL import Image
 from clip_es.cam import run as cam_run
 from clip_es.cam.caa import balance_affinity, box_mask, caa_refine
 from clip_es.cam.run import CamConfig, build_engine, input_size, preprocess
+from clip_es.model.inputs import normalise
 from clip_es.data.registry import open_dataset
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,7 +69,9 @@ def test_engine_resizes_with_the_models_patch_size(tiny_clip, toy_root, tmp_path
     item = engine.prepare(img)
     p = tiny_clip.patch_size
     assert item.views[0].shape[-2:] == input_size((45, 70), 0.7, p)
-    assert torch.equal(item.views[0], preprocess(img, 0.7, p, tiny_clip.mean, tiny_clip.std))
+    assert item.views[0].dtype == torch.uint8  # normalised on the model's device
+    assert torch.equal(normalise(item.views[0], tiny_clip.mean, tiny_clip.std),
+                       preprocess(img, 0.7, p, tiny_clip.mean, tiny_clip.std))
 
 
 # ----------------------------------------------------------------------------- box threshold rule
@@ -153,9 +156,9 @@ def test_balancing_keeps_float64_and_the_engine_feeds_caa_float64(tiny_clip, toy
     seen = []
     real = cam_run.caa_refine
 
-    def spy(cams, trans, threshold):
+    def spy(cams, trans, threshold, **kw):
         seen.append(trans.dtype)
-        return real(cams, trans, threshold)
+        return real(cams, trans, threshold, **kw)
 
     monkeypatch.setattr(cam_run, "caa_refine", spy)
     ds = open_dataset("toy", toy_root, "train")

@@ -339,7 +339,7 @@ def test_very_large_image_is_processed_with_bounded_memory(tmp_path, tiny_clip_p
 
 def test_image_above_the_working_cap_gives_full_size_outputs(toy, tmp_path, tiny_clip, tiny_clip_path):
     """The fast twin of the 48 MP test, with a 256-px cap: a 640x480 image runs at 256x192 in
-    both stages (single view: a 16x12 patch grid stored; multi-view: maps stored at 256x192),
+    both stages (a 16x12 patch grid stored, single-view and multi-view alike),
     and every output, read back, has the original 640x480 size."""
     import cv2
 
@@ -353,7 +353,7 @@ def test_image_above_the_working_cap_gives_full_size_outputs(toy, tmp_path, tiny
         cfg = _cfg(toy, out, tiny_clip_path, limit=1, max_side=256, **kw)
         assert generate_cams(cfg, clip=tiny_clip, progress=False).ok
         stored = load_cam(out / "cam" / f"{image_id}.npz", full_size=False)
-        assert stored.cam.shape[1:] == ((12, 16) if name == "single" else (192, 256))  # the working size
+        assert stored.cam.shape[1:] == (12, 16)  # the working size's patch grid, multi-view too
         rec = load_cam(out / "cam" / f"{image_id}.npz")
         assert rec.size == (480, 640) and rec.caa.shape[1:] == (480, 640)
         res = refine_masks(RefineConfig(run=str(out), workers=1, save_conf=True, max_side=256), progress=False)
@@ -702,22 +702,22 @@ def test_read_only_run_folder_is_a_clear_error(toy, tmp_path, tiny_clip, tiny_cl
 
 
 class _DiskFull:
-    """``os.fsync`` replacement: the disk fills up after ``allow`` more files under ``folder``.
-
-    From then on every write fails with ENOSPC, the manifest's included, as on a full disk.
+    """``os.fchmod`` replacement (every atomic write calls it once, after writing and before the
+    rename; cam records skip the fsync): the disk fills up after ``allow`` more files under
+    ``folder``. From then on every write fails with ENOSPC, the manifest's included, as on a full disk.
     """
 
     def __init__(self, folder: Path, allow: int):
         self.folder, self.allow, self.full = str(folder) + os.sep, allow, False
-        self.real = os.fsync
+        self.real = os.fchmod
 
-    def __call__(self, fd: int) -> None:
+    def __call__(self, fd: int, mode: int) -> None:
         if not self.full and os.readlink(f"/proc/self/fd/{fd}").startswith(self.folder):
             self.full = self.allow <= 0
             self.allow -= 1
         if self.full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.real(fd)
+        self.real(fd, mode)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
@@ -727,7 +727,7 @@ def test_disk_full_during_cam_is_a_clear_error_and_nothing_half_written(toy, tmp
     generate_cams(_cfg(toy, ref, tiny_clip_path, limit=5), clip=tiny_clip, progress=False)
     out = tmp_path / "run"
     cfg = _cfg(toy, out, tiny_clip_path, limit=5)
-    monkeypatch.setattr(os, "fsync", _DiskFull(out / "cam", allow=3))  # config.json + 2 records
+    monkeypatch.setattr(os, "fchmod", _DiskFull(out / "cam", allow=3))  # config.json + 2 records
     with pytest.raises(OutputWriteError, match="No space left on device") as ei:
         generate_cams(cfg, clip=tiny_clip, progress=False)
     msg = str(ei.value)
@@ -755,7 +755,7 @@ def test_disk_full_during_refine_is_a_clear_error_and_nothing_half_written(toy, 
     refine_masks(RefineConfig(run=str(ref), workers=1), progress=False)
     cfg = RefineConfig(run=str(out), workers=1)
     # config.json, then crf + mask of the 1st image, then the 2nd image's crf: its mask hits the full disk
-    monkeypatch.setattr(os, "fsync", _DiskFull(out / "refine", allow=4))
+    monkeypatch.setattr(os, "fchmod", _DiskFull(out / "refine", allow=4))
     with pytest.raises(OutputWriteError, match="No space left on device"):
         refine_masks(cfg, progress=False)
     _no_temp_files(out)

@@ -17,10 +17,19 @@ image is alive at a time); a larger CLIP adds its weights and activations at
 batch and each loader worker holds a few decoded images ahead.
 
 Speed (``precision``, ``batch_size``, ``workers``, ``threads``; see ``docs/cam.md``).
-The frozen blocks may run under autocast; the last block, GradCAM and CAA never do.
-Images are grouped by working size into batches for the frozen blocks; records are
-written by a background thread (each write atomic, in order; the first write error
+The frozen blocks may run under autocast; the last block, GradCAM and CAA never do (a
+reduced-precision batch whose activations are not finite is computed again in fp32, with
+one warning). Images are grouped by working size into batches; the frozen blocks, the last
+block with its GradCAM backward and CAA (``T @ (T @ v)`` in float64, never the N x N
+square) each run once per batch, and the maps leave the device once per batch. Loader
+workers send uint8 inputs, normalised on the model's device. Records are written by a
+small thread pool (each write atomic, in any order, not fsynced; the first write error
 stops the stage and is raised here).
+
+Devices. :func:`~clip_es.stage.resolve_device` picks the device (``cuda:LOCAL_RANK % GPUs``
+under torchrun) and :func:`~clip_es.stage.bind_device` makes it current. Out of memory on
+a batch (also cuBLAS/cuDNN allocation failures) retries its images one by one once the
+failed attempt is freed; an image that does not fit alone is recorded as failed.
 
 Failures. Per-image problems (:class:`~clip_es.errors.DatasetError`: unreadable image,
 bad label XML, bad GT when labels come from it; or out of memory on one image) are
@@ -42,20 +51,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_es.cam.caa import balance_affinity, caa_refine
-from clip_es.cam.gradcam import softmax_gradcam
-from clip_es.cam.store import is_valid_cam, save_cam, upsample
+from clip_es.cam.caa import balanced_transition, caa_refine
+from clip_es.cam.gradcam import softmax_gradcam_batch
+from clip_es.cam.store import is_valid_cam, save_cam
 from clip_es.data.base import ClassSpec
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
-from clip_es.model.inputs import input_size, preprocess  # noqa: F401 (re-exported: cam.run.preprocess)
-from clip_es.model.precision import PRECISIONS, autocast, resolve_precision
+from clip_es.model.inputs import input_size, normalise, preprocess, resize_input  # noqa: F401 (preprocess re-exported)
+from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
-from clip_es.stage import StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids
-from clip_es.threads import resolve_threads, use_threads
+from clip_es.stage import (StageResult, bind_device, completion_status, dist_shard, fit_image, is_out_of_memory,
+                            resolve_device, select_ids)
+from clip_es.threads import available_cpus, resolve_threads, use_threads
 
 log = logging.getLogger(__name__)
 STAGE = "cam"
@@ -94,10 +104,13 @@ class CamConfig:
             resolved value is recorded in the manifest.
         limit: only the first ``limit`` images of the split.
         shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
-        batch_size: images per forward of the frozen blocks (grouped by working size; the
-            last block and GradCAM run per image). fp32 outputs are byte-identical at any value.
-        workers: data-loader processes decoding and preprocessing images ahead (0 = in
-            this process). Records are written by a background thread either way.
+        batch_size: images per forward (grouped by working size): the frozen blocks, the last
+            block with its GradCAM backward and CAA all run on the batch at once. fp32 maps
+            equal batch 1's to rounding (within 1e-6).
+        workers: data-loader processes decoding and resizing images ahead (0 = in this
+            process); ``auto`` = 0 on a CPU (decoding is a small share there and spawned
+            workers compete for the cores), several on CUDA (:func:`resolve_workers`).
+            Records are written by a small thread pool either way.
         threads: CPU threads for the computation; ``None`` = ``OMP_NUM_THREADS`` if set,
             else every CPU this process may use (see :mod:`clip_es.threads`).
     """
@@ -127,7 +140,7 @@ class CamConfig:
     shard: tuple[int, int] = (0, 1)
     precision: str = "auto"
     batch_size: int = 1
-    workers: int = 0
+    workers: int | str = "auto"
     threads: int | None = None
 
     def validate(self) -> "CamConfig":
@@ -152,10 +165,37 @@ class CamConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        resolve_workers(self.workers, "cpu")
         resolve_threads(self.threads)
         return self
+
+
+#: The most loader workers ``--workers auto`` starts per process on CUDA.
+AUTO_WORKERS_MAX = 8
+
+
+def resolve_workers(workers: int | str, device: str) -> int:
+    """Loader processes for ``--workers`` on ``device``: an integer as given; ``auto`` = 0 on a CPU,
+    on CUDA ``min(8, CPUs / local processes - 1)`` (at least 1; ``LOCAL_WORLD_SIZE`` under torchrun).
+
+    Raises:
+        ConfigError: a negative number or another word.
+    """
+    if workers == "auto":
+        if not str(device).startswith("cuda"):
+            return 0
+        import os
+
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        per_rank = available_cpus() // max(1, int(local) if local.isdigit() else 1)
+        return max(1, min(AUTO_WORKERS_MAX, per_rank - 1))
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--workers must be auto or a number >= 0, got {workers!r}") from None
+    if n < 0:
+        raise ConfigError(f"--workers must be auto or a number >= 0, got {workers!r}")
+    return n
 
 
 #: CamConfig fields that do not change the outputs (left out of the manifest's parameters).
@@ -171,7 +211,9 @@ class Prepared:
         keys: 0-based class indices (the targets).
         size: original ``(H, W)`` (what the record stores).
         work: working ``(H', W')`` (the original unless above ``max_side``).
-        views: one ``(1, 3, h, w)`` normalised input per (scale, flip) view.
+        views: one ``(1, 3, h, w)`` uint8 input per (scale, flip) view (resized, not yet
+            normalised: the engine normalises on its device, so loader workers send a
+            quarter of the float32 bytes through shared memory).
         error: per-image failure reason; then the other fields are empty.
     """
 
@@ -181,6 +223,11 @@ class Prepared:
     work: tuple[int, int] = (0, 0)
     views: list[torch.Tensor] = field(default_factory=list)
     error: str | None = None
+
+    def pin_memory(self) -> "Prepared":
+        """Page-lock the views (the DataLoader calls it with ``pin_memory=True``, on CUDA)."""
+        self.views = [v.pin_memory() for v in self.views]
+        return self
 
     @property
     def bucket(self) -> tuple:
@@ -205,68 +252,106 @@ class CamEngine:
     bg_text: torch.Tensor
     cfg: CamConfig
     precision: str = "fp32"
+    #: precision of the last block's forward and backward (``fp32``; ``bf16``/``fp16`` only for
+    #: measurements: see docs/cam.md, "the last block in reduced precision")
+    last_block: str = "fp32"
+    #: set once a reduced-precision batch had to be redone in fp32 (warned once per engine)
+    redone_fp32: bool = field(default=False, repr=False)
 
     def _views(self) -> list[tuple[float, bool]]:
         return [(s, f) for s in self.cfg.scales for f in ((False, True) if self.cfg.flip else (False,))]
 
-    @torch.no_grad()
-    def _batch_view(self, x: torch.Tensor, keys: list[list[int]], mode: str
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Frozen blocks on the batch ``x`` ``(B, 3, h, w)`` at once; the last block, GradCAM and CAA per image."""
-        cfg = self.cfg
+    def _frozen(self, x: torch.Tensor):
+        """The frozen blocks on ``x`` ``(B, 3, h, w)`` normalised; a reduced-precision result that
+        is not finite (fp16 overflows in the residual stream) is computed again in fp32."""
+        attn_blocks = self.cfg.caa_blocks if self.cfg.caa else 0
         visual = self.clip.visual
         with autocast(self.precision, self.clip.device):
-            d = dense_forward(visual, x.to(self.clip.device), attn_blocks=cfg.caa_blocks if cfg.caa else 0)
-        out = []
-        for i, k in enumerate(keys):
-            text = torch.cat([self.class_text[k], self.bg_text], 0)
-            g = softmax_gradcam(visual, d.penultimate[i:i + 1].float(), d.grid, text, len(k), self.clip.logit_scale,
-                                pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode)
-            if not cfg.caa or not k:
-                out.append((g.cam, g.cam.clone()))
-                continue
-            last = g.attn_last.double()
-            aff = (d.attn_sum[i].double() + last) / (d.attn_count + 1) if d.attn_sum is not None else last
-            trans = balance_affinity(aff, cfg.sinkhorn_iters)  # float64
-            out.append((g.cam, caa_refine(g.cam, trans, cfg.caa_threshold)))
-        return out
+            d = dense_forward(visual, x, attn_blocks=attn_blocks)
+        if self.precision == "fp32":
+            return d
+        # a non-finite value makes the fp32 sum non-finite (finite values cannot overflow it:
+        # |activations| stay far below 3e38 / numel); one reduction and one host sync per batch
+        total = d.penultimate.float().sum()
+        if d.attn_sum is not None:
+            total = total + d.attn_sum.sum()
+        if bool(torch.isfinite(total)):
+            return d
+        if not self.redone_fp32:
+            log.warning("cam: a --precision %s batch overflowed (non-finite activations); such batches are "
+                        "computed again in fp32 (warned once)", self.precision)
+            self.redone_fp32 = True
+        with autocast("fp32", self.clip.device):
+            return dense_forward(visual, x, attn_blocks=attn_blocks)
+
+    @torch.no_grad()
+    def _batch_view(self, x: torch.Tensor, keys: list[list[int]], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps of one view for the batch ``x`` ``(B, 3, h, w)`` uint8 (on any device).
+
+        Normalised on the model's device; the frozen blocks, the last block with its GradCAM
+        backward and CAA each run once for the whole batch.
+
+        Returns:
+            ``(cam, caa)``, each ``(B, K, h, w)`` at the patch grid, ``K = max len(keys)``; the
+            rows past an image's own ``len(keys[i])`` are zero padding.
+        """
+        cfg = self.cfg
+        c = self.clip
+        x = normalise(x.to(c.device, non_blocking=True), c.mean, c.std)
+        d = self._frozen(x)
+        texts = [torch.cat([self.class_text[k], self.bg_text], 0) for k in keys]
+        g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
+                                  c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
+                                  autocast_dtype=autocast_dtype(self.last_block))
+        if not cfg.caa or g.cam.shape[1] == 0:
+            return g.cam, g.cam.clone()
+        last = g.attn_last.double()
+        aff = (d.attn_sum.double() + last) / (d.attn_count + 1) if d.attn_sum is not None else last
+        trans = balanced_transition(aff, cfg.sinkhorn_iters)  # float64 T; CAA applies T @ (T @ v)
+        return g.cam, caa_refine(g.cam, trans, cfg.caa_threshold, steps=2)
 
     def preparer(self) -> "_Preparer":
-        """The decode-side work (working size, resize, normalise), picklable for loader workers."""
+        """The decode-side work (working size, resize), picklable for loader workers."""
         c = self.clip
         return _Preparer(self.cfg.max_side, tuple(self._views()), c.patch_size, tuple(c.mean), tuple(c.std))
 
     def prepare(self, image: np.ndarray, image_id: str = "", keys=(), size: tuple[int, int] | None = None
                 ) -> Prepared:
-        """Working image and the model input of every view (what data-loader workers compute ahead)."""
+        """Working image and the uint8 model input of every view (what data-loader workers compute ahead)."""
         return self.preparer()(image, image_id, keys, size)
 
+    def record_grid(self, work: tuple[int, int]) -> tuple[int, int]:
+        """The ``(h, w)`` a record stores for a working size: the scale-1 patch grid, also for
+        multi-view runs (whose views are averaged there), so their records are no larger."""
+        p = self.clip.patch_size
+        h, w = input_size(work, 1.0, p)
+        return h // p, w // p
+
     def compute_batch(self, items: list[Prepared], mode: str = "batched") -> list[tuple[np.ndarray, np.ndarray]]:
-        """Maps for images of one bucket (same working size), frozen blocks batched.
+        """Maps for images of one bucket (same working size), computed as one batch.
 
         Returns:
-            Per image ``(cam, caa)``, each ``(K, h, w)`` at the patch grid for a single
-            unflipped scale, else ``(K, H', W')`` averaged over views at the working size.
-            In fp32 the outputs do not depend on how the images are batched.
+            Per image ``(cam, caa)``, each ``(K, h, w)`` float32 at the scale-1 patch grid
+            (:meth:`record_grid`); with several views (scales, flip) each view's maps are
+            resized there (bilinear), flipped back and averaged. In fp32 the outputs do not
+            depend on how the images are batched (within 1e-6).
         """
         if len({it.bucket for it in items}) > 1:
             raise ValueError("compute_batch needs images of one working size; group them by Prepared.bucket")
         keys = [it.keys for it in items]
         views = self._views()
-        if len(views) == 1:
-            res = self._batch_view(torch.cat([it.views[0] for it in items]), keys, mode)
-            return [(c.cpu().numpy(), a.cpu().numpy()) for c, a in res]
-        H, W = items[0].work
-        acc = [(np.zeros((len(k), H, W), np.float32), np.zeros((len(k), H, W), np.float32)) for k in keys]
+        gh, gw = self.record_grid(items[0].work)
+        acc = None
         for j, (_, f) in enumerate(views):
-            res = self._batch_view(torch.cat([it.views[j] for it in items]), keys, mode)
-            for (acc_cam, acc_caa), (cam, caa) in zip(acc, res):
-                cam, caa = upsample(cam.cpu().numpy(), (H, W)), upsample(caa.cpu().numpy(), (H, W))
-                if f:
-                    cam, caa = cam[:, :, ::-1], caa[:, :, ::-1]
-                acc_cam += cam
-                acc_caa += caa
-        return [(c / len(views), a / len(views)) for c, a in acc]
+            cam, caa = self._batch_view(torch.cat([it.views[j] for it in items]), keys, mode)
+            both = torch.stack([cam, caa]).float()  # (2, B, K, h, w)
+            if tuple(both.shape[-2:]) != (gh, gw):
+                both = resize_maps(both, (gh, gw))
+            if f:
+                both = both.flip(-1)
+            acc = both if acc is None else acc + both
+        out = (acc / len(views) if len(views) > 1 else acc).cpu().numpy()  # one device-to-host copy per batch
+        return [(out[0, i, :len(k)], out[1, i, :len(k)]) for i, k in enumerate(keys)]
 
     def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +362,15 @@ class CamEngine:
             keys: 0-based class indices (the targets).
         """
         return self.compute_batch([self.prepare(image, keys=keys)], mode)[0]
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``, as OpenCV's) of ``(..., h, w)`` maps to ``(..., H, W)``."""
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    if maps.numel() == 0:
+        return maps.new_zeros((*lead, *size))
+    flat = maps.reshape(-1, 1, h, w)
+    return torch.nn.functional.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
 
 
 def build_engine(cfg: CamConfig, classes: list[ClassSpec], clip: ClipModel | None = None) -> CamEngine:
@@ -312,7 +406,7 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
 
     Images are decoded and preprocessed ahead (in ``cfg.workers`` data-loader processes,
     or inline), grouped by working size into batches of ``cfg.batch_size`` for the frozen
-    forward, and their records are written by a background thread (atomically, as
+    forward, and their records are written by a small thread pool (atomically, as
     before); a write error stops the stage at once, with the records already written kept.
 
     Returns:
@@ -330,6 +424,9 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
     precheck_run(cfg, run, ds.classes, clip)  # refusals that need no model come before its (slow) load
     with use_threads(cfg.threads) as threads:
         engine = build_engine(cfg, ds.classes, clip)
+        device = str(engine.clip.device)
+        bind_device(device)
+        workers = resolve_workers(cfg.workers, device)
         run.ensure()
         top = dict(dataset={"kind": cfg.dataset, "root": str(Path(cfg.root).resolve()), "split": cfg.split,
                             "class_file": str(Path(cfg.class_file).resolve()) if cfg.class_file else None,
@@ -337,8 +434,8 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
                    classes=[c.name for c in ds.classes], category_ids=list(ds.category_ids),
                    model=engine.clip.describe())
         out = run.begin_stage(STAGE, stage_params(cfg, engine.clip, ds.classes, engine.precision), top=top)
-        log.info("cam: precision %s (asked: %s), batch size %d, %d loader worker(s), %d thread(s)",
-                 engine.precision, cfg.precision, cfg.batch_size, cfg.workers, threads)
+        log.info("cam: %s, precision %s (asked: %s), batch size %d, %d loader worker(s) (asked: %s), %d thread(s)",
+                 device, engine.precision, cfg.precision, cfg.batch_size, workers, cfg.workers, threads)
         shard = dist_shard(cfg.shard)
         ids = select_ids(all_ids, cfg.limit, shard)
         res = StageResult(STAGE, str(run.path))
@@ -354,7 +451,7 @@ def generate_cams(cfg: CamConfig, clip: ClipModel | None = None, progress: bool 
                     bar.update(1)
                 else:
                     todo.append(image_id)
-            _run_images(engine, ds, todo, out, res, done_ids, bar)
+            _run_images(engine, ds, todo, out, res, done_ids, bar, workers)
         finally:
             bar.close()
     expected = select_ids(all_ids, cfg.limit, (0, 1))
@@ -406,7 +503,7 @@ class _Preparer:
                  ) -> Prepared:
         size = size or image.shape[:2]
         image = fit_image(image, self.max_side)
-        views = [preprocess(image, s, self.patch, self.mean, self.std, f) for s, f in self.views]
+        views = [resize_input(image, s, self.patch, f) for s, f in self.views]
         return Prepared(image_id, list(keys), tuple(size), tuple(image.shape[:2]), views)
 
     def load(self, ds, image_id: str) -> Prepared:
@@ -425,8 +522,9 @@ class _Preparer:
             return Prepared(image_id, error=_oom_reason(image_id, e, self.max_side))
 
 
-def _oom_reason(image_id: str, e: BaseException, max_side: int | None) -> str:
-    return f"{image_id}: out of memory ({type(e).__name__}); lower --max-side (now {max_side}) or --scales"
+def _oom_reason(image_id: str, what: BaseException | str, max_side: int | None) -> str:
+    what = what if isinstance(what, str) else type(what).__name__
+    return f"{image_id}: out of memory ({what}); lower --max-side (now {max_side}) or --scales"
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -450,39 +548,59 @@ def _init_loader_worker(_worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _inputs(engine: CamEngine, ds, ids: list[str]):
-    """Prepared images in ``ids`` order: inline, or from ``cfg.workers`` spawned loader processes.
+def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
+    """Prepared images in ``ids`` order: inline, or from ``workers`` spawned loader processes
+    (each item's views are uint8, a quarter of the float32 bytes through ``/dev/shm``).
 
     Spawned, not forked: a forked child inherits OpenCV's/torch's thread pools in a broken
     state once the parent has used them (see :func:`clip_es.refine.run._mp_context`).
     """
     prep = engine.preparer()
-    if engine.cfg.workers == 0 or len(ids) <= 1:
+    if workers == 0 or len(ids) <= 1:
         for image_id in ids:
             yield prep.load(ds, image_id)
         return
-    workers = min(engine.cfg.workers, len(ids))
+    workers = min(workers, len(ids))
     loader = torch.utils.data.DataLoader(_Inputs(ds, ids, prep), batch_size=None, shuffle=False,
                                          num_workers=workers, multiprocessing_context="spawn",
                                          worker_init_fn=_init_loader_worker,
+                                         pin_memory=engine.clip.device.type == "cuda",
                                          prefetch_factor=max(2, 2 * engine.cfg.batch_size // workers + 1))
     yield from loader
 
 
-class _Writer:
-    """Writes records on a background thread, in order; the first error stops all later writes.
+#: The most threads writing records (compression releases the GIL, so a few overlap).
+WRITER_THREADS = 4
 
-    Each write is :func:`save_cam` (atomic: a temp file renamed into place), so a record
-    is whole or absent whatever happens. :meth:`put` and :meth:`close` re-raise a write
-    error in the caller's thread.
+
+def writer_threads() -> int:
+    """Record writers: the thread budget (:func:`~clip_es.threads.default_threads`), at most
+    :data:`WRITER_THREADS`: on a one-thread budget one writer, so writers do not contend with
+    the computation for the GIL and the core."""
+    from clip_es.threads import default_threads
+
+    return max(1, min(WRITER_THREADS, default_threads()))
+
+
+class _Writer:
+    """Writes records on a small thread pool; the first error stops all later writes.
+
+    Records are independent, so they may land in any order. Each write is :func:`save_cam`
+    (atomic: a temp file renamed into place, so a record is whole or absent whatever
+    happens to the process). Records are not fsynced one by one (that cost ~6 ms each):
+    after a power loss a record may be empty or torn, and resume, which opens every
+    existing record before it skips it, recomputes such a record. :meth:`put` and
+    :meth:`close` re-raise a write error in the caller's thread.
     """
 
-    def __init__(self, on_written, depth: int):
+    def __init__(self, on_written, depth: int, threads: int = WRITER_THREADS):
         self._q: queue.Queue = queue.Queue(maxsize=max(2, depth))
         self._on_written = on_written
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="clipes-cam-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"clipes-cam-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
         while True:
@@ -496,7 +614,8 @@ class _Writer:
                 save_cam(path, keys, cam, caa, size)
                 self._on_written(image_id)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                self.error = e
+                if self.error is None:
+                    self.error = e
 
     def check(self) -> None:
         if self.error is not None:
@@ -507,21 +626,29 @@ class _Writer:
         self._q.put((path, image_id, keys, cam, caa, size))
 
     def close(self, check: bool = True) -> None:
-        """Write what is queued (unless a write failed), stop the thread; re-raise its error."""
-        self._q.put(None)
-        self._thread.join()
+        """Write what is queued (unless a write failed), stop the threads; re-raise the first error."""
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
         if check:
             self.check()
 
 
 def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResult, done_ids: list[str],
-                bar) -> None:
+                bar, workers: int = 0) -> None:
     """Compute and write every image of ``ids``; per-image failures go to ``res.failed``.
+
+    Out of memory on a batch (``MemoryError``, CUDA's ``OutOfMemoryError``, a cuBLAS/cuDNN
+    allocation failure) retries its images one by one, after the failed attempt is freed
+    (outside the ``except`` block, whose traceback would keep the batch's activations
+    alive) and, on CUDA, the allocator's cache emptied; an image that does not fit alone fails.
 
     Raises:
         OutputWriteError: a record cannot be written (fatal for the stage).
     """
     batch_size = engine.cfg.batch_size
+    cuda = engine.clip.device.type == "cuda"
     lock = threading.Lock()
 
     def written(image_id: str) -> None:
@@ -536,19 +663,24 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             bar.update(1)
         log.warning("%s", reason)
 
-    writer = _Writer(written, depth=2 * batch_size)
+    writer = _Writer(written, depth=2 * batch_size, threads=writer_threads())
 
     def run(batch: list[Prepared]) -> None:
+        oom = None
         try:
             maps = engine.compute_batch(batch)
-        except (MemoryError, torch.cuda.OutOfMemoryError) as e:
-            if torch.cuda.is_available():
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
+            if not is_out_of_memory(e):
+                raise
+            oom = f"{type(e).__name__}"
+        if oom is not None:  # here the exception, its traceback and the batch's activations are gone
+            if cuda:
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # retry one by one: only the image that does not fit fails
                 for it in batch:
                     run([it])
                 return
-            fail(batch[0].id, _oom_reason(batch[0].id, e, engine.cfg.max_side))
+            fail(batch[0].id, _oom_reason(batch[0].id, oom, engine.cfg.max_side))
             return
         for it, (cam, caa) in zip(batch, maps):
             writer.put(out / f"{it.id}.npz", it.id, it.keys, cam, caa, it.size)
@@ -556,7 +688,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
     buckets: dict[tuple, list[Prepared]] = {}
     max_pending = 4 * batch_size  # bounds memory when sizes vary (COCO): flush the fullest bucket
     try:
-        for item in _inputs(engine, ds, ids):
+        for item in _inputs(engine, ds, ids, workers):
             if item.error is not None:  # per-image: record and go on
                 fail(item.id, item.error)
                 continue

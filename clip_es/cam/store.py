@@ -7,11 +7,16 @@ Arrays (``np.savez_compressed``, written atomically):
     caa   float16 (K, h, w)   CAA-refined maps, [0, 1] (all zero where a class had no box)
     size  int64   (2,)        original image (H, W)
 
-Single-scale runs store maps at the patch grid ``(h, w)``; :func:`load_cam` upsamples
-them to ``(H, W)`` with bilinear interpolation (OpenCV ``resize``), exactly as the
-stage would have, so storing the grid is lossless for every reader. Multi-scale or
-flipped runs average at the working size (the original size, or the ``max_side``-capped
-size for larger images) and store those maps; :func:`load_cam` upsamples them to ``(H, W)``.
+Records store maps at the scale-1 patch grid ``(h, w)`` of the working image (the original,
+or the ``max_side``-capped size for larger images), single-view and multi-view alike: a
+multi-scale or flipped run averages its views there (each view's maps resized bilinearly
+to that grid, flipped ones flipped back), so its records are no larger than a single-view
+run's. :func:`load_cam` upsamples them to ``(H, W)`` with bilinear interpolation (OpenCV
+``resize``), exactly as the stage would have, so storing the grid is lossless for every
+reader. Records written before this rule (multi-view maps at the working size) read the
+same way.
+
+Writes are atomic (temp file, then rename) but not fsynced (see :func:`save_cam`).
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def save_cam(path: str | Path, keys, cam: np.ndarray, caa: np.ndarray, size: tuple[int, int]) -> None:
-    """Write one record atomically (see module doc for the arrays)."""
+    """Write one record atomically (see module doc for the arrays), without fsync: a killed
+    process leaves the record whole or absent; after a power loss it may be torn, which
+    :func:`is_valid_cam` (asked by resume for every existing record) detects."""
     buf = io.BytesIO()
     np.savez_compressed(buf, keys=np.asarray(keys, np.int64), cam=np.asarray(cam, np.float16),
                         caa=np.asarray(caa, np.float16), size=np.asarray(size, np.int64))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fsync=False)
 
 
 def load_cam(path: str | Path, full_size: bool = True) -> CamMaps:

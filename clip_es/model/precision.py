@@ -7,7 +7,10 @@ CAA (float64) and everything refine reads stay in full precision.
 ``auto`` resolves per device, once per run, and the resolved value (never ``auto``) is
 what the run's manifest records:
 
-* CUDA: ``bf16`` when ``torch.cuda.is_bf16_supported()`` (Ampere and newer), else ``fp32``.
+* CUDA: ``bf16`` when the run's GPU has bf16 tensor cores, i.e. compute capability 8.0
+  or higher (Ampere and newer), else ``fp32``. ``torch.cuda.is_bf16_supported()`` is not
+  asked: it counts emulation (V100, T4 say yes, and run bf16 slower than fp32) and it asks
+  the current device, not the run's.
 * CPU: ``bf16`` when the CPU has native bf16 arithmetic, i.e. the ``avx512_bf16`` or
   ``amx_bf16`` flag (read from ``/proc/cpuinfo`` on Linux; where that file is missing,
   torch's own probes ``torch._C._cpu._is_avx512_bf16_supported`` /
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from pathlib import Path
 from typing import Iterator
 
 from clip_es.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -56,37 +63,61 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cuda_capability(device: str) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of the CUDA ``device`` (``cuda`` or ``cuda:N``)."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
+def has_native_bf16(device: str) -> bool:
+    """True when ``device`` computes bf16 natively: a GPU of compute capability >= 8.0, or a
+    CPU with ``avx512_bf16``/AMX (:func:`cpu_has_bf16`). The one place ``auto`` asks."""
+    if str(device).startswith("cuda"):
+        return cuda_capability(str(device)) >= (8, 0)
+    return cpu_has_bf16()
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device`` (see the module doc for ``auto``).
 
     Raises:
-        ConfigError: an unknown value, or ``fp16``/``bf16`` where the device cannot run it.
+        ConfigError: an unknown value. An explicit ``bf16`` where it would be emulated is
+            honoured with a warning.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    cuda = str(device).startswith("cuda")
     if precision == "auto":
-        if cuda:
-            import torch
-
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_has_bf16() else "fp32"
-    if precision == "bf16" and cuda:
-        import torch
-
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError("--precision bf16: this GPU has no bf16 support; use --precision fp16 or fp32")
+        return "bf16" if has_native_bf16(device) else "fp32"
+    if precision == "bf16" and not has_native_bf16(device):
+        log.warning("--precision bf16 on %s, which has no native bf16 arithmetic (GPUs: compute capability 8.0 "
+                    "and newer; CPUs: avx512_bf16 or AMX): it is emulated and slower than fp32", device)
     return precision
+
+
+def autocast_dtype(precision: str):
+    """The ``torch`` dtype autocast uses for a resolved precision; ``None`` for ``fp32``."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @contextlib.contextmanager
 def autocast(precision: str, device: str) -> Iterator[None]:
-    """``torch.autocast`` for a resolved ``bf16``/``fp16``; nothing for ``fp32``."""
-    if precision == "fp32":
-        yield
-        return
+    """``torch.autocast`` for a resolved ``bf16``/``fp16``; for ``fp32`` no autocast, and on CUDA
+    cuDNN's TF32 convolutions switched off inside the block (torch enables them by default,
+    which would round the patch embedding's inputs to 10 mantissa bits at ``--precision fp32``)."""
     import torch
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=dtype):
+    if precision == "fp32":
+        before = torch.backends.cudnn.allow_tf32
+        if str(device).startswith("cuda"):
+            torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
+        return
+
+    with torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=autocast_dtype(precision)):
         yield

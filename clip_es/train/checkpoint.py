@@ -17,6 +17,7 @@ Two formats, both plain dicts of tensors and JSON-able values read with
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import torch
 
 from clip_es.errors import ConfigError, WeightsError, first_line
 from clip_es.rundir import atomic_write
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "clipes-segmenter/1"
 WEIGHTS_FORMAT = "clipes-segmenter-weights/1"
@@ -58,8 +61,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ck
 
 
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (nested dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | Path, ck: dict[str, Any]) -> None:
-    """Write ``ck`` to ``path`` atomically (a reader never sees half a file)."""
+    """Write ``ck`` to ``path`` atomically (a reader never sees half a file), every tensor on
+    the CPU (a plain ``torch.load`` works on a machine without the GPU it was trained on)."""
+    ck = to_cpu(ck)
     atomic_write(path, lambda f: torch.save(ck, f))
 
 
@@ -146,4 +164,19 @@ def set_rng_state(st: dict[str, Any]) -> None:
     p = st["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        restore_cuda_rng(st["cuda"], torch.cuda.device_count())
+
+
+def restore_cuda_rng(states: list[torch.Tensor], count: int) -> None:
+    """Set the RNG state of CUDA devices ``0..min(len(states), count) - 1`` from ``states``.
+
+    A checkpoint saved on a machine with more GPUs than this one (``set_rng_state_all``
+    would raise) or fewer resumes; the devices without a saved state keep theirs, and a
+    warning says the resumed run then draws differently from an uninterrupted one.
+    """
+    for i, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state, i)
+    if len(states) != count:
+        log.warning("the checkpoint holds %d CUDA RNG state(s), this machine has %d CUDA device(s): restored "
+                    "%d; random draws on the GPU may differ from an uninterrupted run", len(states), count,
+                    min(len(states), count))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from clip_es.data.registry import dataset_of_run
 from clip_es.errors import ClipEsError, ConfigError, RunDirError
 from clip_es.rundir import RunDir, atomic_write_bytes, params_hash
-from clip_es.stage import resolve_device
+from clip_es.stage import bind_device, resolve_device
 # checkpoint I/O and the DDP set-up live in their own modules; re-exported for existing imports
 from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_checkpoint,  # noqa: F401
                                       load_model_state, model_state, rng_state, save_checkpoint, set_rng_state,
@@ -299,10 +299,8 @@ def train_segmenter(cfg: TrainConfig, progress: bool = True,
     """
     cfg = cfg.validate()
     info = DistInfo.from_env()
-    device = resolve_device(cfg.device)
-    if device == "cuda" and info.enabled:
-        device = f"cuda:{info.local_rank}"
-        torch.cuda.set_device(info.local_rank)
+    device = resolve_device(cfg.device)  # cuda:(LOCAL_RANK % GPUs) under torchrun
+    bind_device(device)  # before the process group: NCCL and pin_memory use the current device
     with distributed(info, device):
         return _train(cfg, info, device, progress, on_step)
 
@@ -390,7 +388,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     if info.enabled and opt is not None:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None)
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None  # cuda:I -> [I]
+        net = DistributedDataParallel(model, device_ids=device_ids)
 
     sampler = StepBatchSampler(len(ids), cfg.batch_size, cfg.steps, start, info.rank, info.world, cfg.seed)
     mean255 = tuple(int(round(255 * m)) for m in arch.mean)

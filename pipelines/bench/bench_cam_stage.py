@@ -48,17 +48,19 @@ sys.path.insert(0, str(ROOT))
 H, W = 375, 500
 
 
-def make_images(root: Path, n: int) -> None:
-    """``n`` 500x375 JPEGs (toy scenes scaled up) with three labels each, as a folder dataset."""
+def make_images(root: Path, n: int, size: tuple[int, int] = (H, W)) -> None:
+    """``n`` JPEGs of ``size = (h, w)`` (default 500x375; toy scenes scaled up) with three labels
+    each, as a folder dataset."""
     import cv2
 
     from clip_es.data.toy import TOY_CLASSES, scene_for
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     lines = []
+    h, w = size
     for i in range(n):
-        scene = scene_for(11, i, (H // 2, W // 2))
-        img = cv2.resize(scene.image, (W, H), interpolation=cv2.INTER_LINEAR)
+        scene = scene_for(11, i, (h // 2, w // 2))
+        img = cv2.resize(scene.image, (w, h), interpolation=cv2.INTER_LINEAR)
         cv2.imwrite(str(root / "images" / f"img{i:03d}.jpg"), img[..., ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 90])
         labels = [TOY_CLASSES[(i + j) % len(TOY_CLASSES)] for j in range(3)]
         lines.append(f"img{i:03d}," + ";".join(labels))

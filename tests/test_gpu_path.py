@@ -1,0 +1,371 @@
+"""Issue 21: the CUDA server path, pinned on the CPU.
+
+No GPU reaches these tests: the device mapping is a pure function, the CUDA calls it
+makes are faked with monkeypatch, and the OOM path runs on a fake OOM raised from a
+patched forward. Speed is shown by ``pipelines/bench/bench_cam_overhead.py``, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip_es.cam import run as cam_run
+from clip_es.cam.caa import balance_affinity, balanced_transition, caa_refine
+from clip_es.cam.run import CamConfig, build_engine, generate_cams, resolve_workers
+from clip_es.cam.store import load_cam, save_cam, upsample
+from clip_es.data.registry import open_dataset
+from clip_es.errors import ConfigError
+from clip_es.model import precision as prec
+from clip_es.stage import bind_device, is_out_of_memory, pick_device, resolve_device
+from clip_es.train import checkpoint as ckpt
+
+TEMPLATE = ("a photo of a {}.",)
+
+
+def _cfg(root, clip_path, out, **kw) -> CamConfig:
+    kw.setdefault("templates", TEMPLATE)
+    return CamConfig(dataset="toy", root=str(root), split="trainval", out=str(out), model=str(clip_path),
+                     device="cpu", **kw)
+
+
+def _same_size(toy_root, tmp_path, clip_path, n: int, **kw) -> CamConfig:
+    """A folder dataset of ``n`` images of one size (toy images vary in size), so they batch."""
+    from clip_es.data.toy import TOY_CLASSES, scene_for
+
+    root = tmp_path / "same"
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        scene = scene_for(3, i, (96, 128))
+        Image.fromarray(scene.image).save(root / "images" / f"im{i}.png")
+        lines.append(f"im{i}," + ";".join(TOY_CLASSES[c - 1] for c in scene.labels))
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in TOY_CLASSES))
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    kw.setdefault("templates", TEMPLATE)
+    return CamConfig(dataset="folder", root=str(root), split="labels", out=str(tmp_path / "run"),
+                     model=str(clip_path), device="cpu", precision="fp32", **kw)
+
+
+# ----------------------------------------------------------------------------- findings 1 and 2: the device
+@pytest.mark.parametrize("requested, rank, count, want", [
+    ("auto", None, 0, "cpu"), ("auto", 3, 0, "cpu"), ("cpu", 1, 4, "cpu"),
+    ("auto", None, 2, "cuda:0"), ("cuda", None, 2, "cuda:0"),
+    ("auto", 3, 4, "cuda:3"), ("cuda", 3, 4, "cuda:3"),  # torchrun, --device auto or cuda alike
+    ("auto", 5, 4, "cuda:1"), ("cuda", 2, 1, "cuda:0"),  # more ranks than GPUs; one visible GPU per rank
+    ("cuda:1", 0, 2, "cuda:1"), ("cuda:1", 5, 2, "cuda:1"),  # explicit index kept
+])
+def test_device_is_a_function_of_request_local_rank_and_count(requested, rank, count, want):
+    assert pick_device(requested, rank, count) == want
+
+
+@pytest.mark.parametrize("requested, count", [("cuda", 0), ("cuda:0", 0), ("cuda:2", 2), ("gpu", 1), ("cuda:x", 1)])
+def test_device_refusals(requested, count):
+    with pytest.raises(ConfigError):
+        pick_device(requested, None, count)
+
+
+def test_resolve_device_reads_local_rank_and_the_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == "cuda:1" and resolve_device("auto") == "cuda:1"
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ConfigError):
+        resolve_device("auto")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+
+
+def test_train_binds_every_cuda_device_before_the_process_group(monkeypatch):
+    from clip_es.train import loop
+    from clip_es.train.loop import TrainConfig
+
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(torch.device(d)))
+    bind_device("cpu")
+    bind_device("cuda:1")
+    assert bound == [torch.device("cuda", 1)]
+
+    class Stop(Exception):
+        pass
+
+    def distributed(info, device):
+        raise Stop(device)
+
+    monkeypatch.setattr(loop, "resolve_device", lambda d: "cuda:3")
+    monkeypatch.setattr(loop, "distributed", distributed)
+    with pytest.raises(Stop, match="cuda:3"):
+        loop.train_segmenter(TrainConfig(run="unused"), progress=False)
+    assert bound[-1] == torch.device("cuda", 3)  # bound before the process group (and NCCL) starts
+
+
+# ----------------------------------------------------------------------------- finding 4: bf16
+def test_auto_bf16_follows_the_run_devices_compute_capability(monkeypatch):
+    asked = []
+
+    def capability(d):
+        asked.append(torch.device(d).index)
+        return caps[torch.device(d).index]
+
+    caps = {0: (7, 0), 1: (8, 0), 2: (7, 5), 3: (9, 0)}  # V100, A100, T4, H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("emulation-counting probe"))
+    assert [prec.resolve_precision("auto", f"cuda:{i}") for i in range(4)] == ["fp32", "bf16", "fp32", "bf16"]
+    assert asked == [0, 1, 2, 3]  # the run's device, not the current one
+    monkeypatch.setattr(prec, "cpu_has_bf16", lambda: False)
+    assert prec.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(prec, "cpu_has_bf16", lambda: True)
+    assert prec.resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_fp32_switches_off_cudnn_tf32_on_cuda_only():
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with prec.autocast("fp32", "cuda:0"):
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        with prec.autocast("fp32", "cpu"):
+            assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+# ----------------------------------------------------------------------------- finding 3: OOM
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_oom_retry_runs_after_the_failed_batch_is_freed(toy_root, tiny_clip, tiny_clip_path, tmp_path, monkeypatch,
+                                                        error):
+    real = cam_run.dense_forward
+    refs: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def forward(visual, x, attn_blocks=8):
+        if x.shape[0] > 1:  # the batch "does not fit"
+            activations = torch.empty(x.shape[0], 1 << 16)  # stands for the batch's activations
+            refs.append(weakref.ref(activations))
+            raise type(error)(*error.args)  # a fresh one, as a real failure is
+        alive_at_retry.append(any(r() is not None for r in refs))
+        return real(visual, x, attn_blocks)
+
+    monkeypatch.setattr(cam_run, "dense_forward", forward)
+    res = generate_cams(_same_size(toy_root, tmp_path, tiny_clip_path, 8, batch_size=4), clip=tiny_clip,
+                        progress=False)
+    assert res.ok and res.done == 8
+    assert len(refs) == 2 and alive_at_retry == [False] * 8
+
+
+def test_oom_of_a_single_image_is_recorded_and_other_errors_propagate(toy_root, tiny_clip, tiny_clip_path, tmp_path,
+                                                                      monkeypatch):
+    def forward(visual, x, attn_blocks=8):
+        raise RuntimeError("CUBLAS_STATUS_ALLOC_FAILED")
+
+    monkeypatch.setattr(cam_run, "dense_forward", forward)
+    res = generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "a", limit=2), clip=tiny_clip, progress=False)
+    assert res.done == 0 and len(res.failed) == 2
+    assert all("out of memory" in r for r in res.failed.values())
+
+    def broken(visual, x, attn_blocks=8):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cam_run, "dense_forward", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "b", limit=2), clip=tiny_clip, progress=False)
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(ValueError("out of memory"))
+
+
+# ----------------------------------------------------------------------------- finding 8
+def test_checkpoints_hold_cpu_tensors(tmp_path):
+    moved = []
+
+    class OnGpu(torch.Tensor):  # stands for a CUDA tensor: only .cpu() gives a plain one back
+        def cpu(self, *a, **k):
+            moved.append(1)
+            return self.as_subclass(torch.Tensor)
+
+    def gpu(t):
+        return t.as_subclass(OnGpu)
+
+    ck = {"format": ckpt.CHECKPOINT_FORMAT, "model": {"w": gpu(torch.ones(2, 2))},
+          "optimizer": {"state": {0: {"exp_avg": gpu(torch.zeros(2))}}, "param_groups": [{"lr": 0.1}]},
+          "rng": {"cuda": [gpu(torch.zeros(4, dtype=torch.uint8))]}, "log": [(1, 0.5)], "step": 1}
+    ckpt.save_checkpoint(tmp_path / "last.pt", ck)
+    back = torch.load(tmp_path / "last.pt", weights_only=True)  # no map_location: a CPU-only machine
+    assert len(moved) == 3
+    tensors = [back["model"]["w"], back["optimizer"]["state"][0]["exp_avg"], back["rng"]["cuda"][0]]
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    assert back["log"] == [(1, 0.5)]
+
+
+def test_resume_with_fewer_cuda_rng_states_than_saved(monkeypatch, caplog):
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: set_calls.append((int(s[0]), d)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("raises with fewer GPUs"))
+    st = ckpt.rng_state()
+    st["cuda"] = [torch.full((8,), 7, dtype=torch.uint8), torch.full((8,), 9, dtype=torch.uint8)]
+    with caplog.at_level(logging.WARNING):
+        ckpt.set_rng_state(st)
+    assert set_calls == [(7, 0)]
+    assert "2 CUDA RNG state(s)" in caplog.text
+
+
+def test_fp16_batch_with_non_finite_activations_is_redone_in_fp32_and_said_once(toy_root, tiny_clip, tmp_path,
+                                                                                monkeypatch, caplog):
+    real = cam_run.dense_forward
+
+    def overflowing(visual, x, attn_blocks=8):
+        d = real(visual, x, attn_blocks)
+        if torch.is_autocast_enabled("cpu"):
+            d.penultimate[:, 1, 0] = float("inf")  # what an fp16 residual-stream overflow leaves
+        return d
+
+    monkeypatch.setattr(cam_run, "dense_forward", overflowing)
+    ds = open_dataset("toy", toy_root, "train")
+    base = CamConfig(dataset="toy", root=str(toy_root), split="train", out=str(tmp_path), model="x",
+                     templates=TEMPLATE, precision="fp32")
+    fp32 = build_engine(base, ds.classes, tiny_clip)
+    fp16 = build_engine(CamConfig(**{**base.__dict__, "precision": "fp16"}), ds.classes, tiny_clip)
+    assert fp16.precision == "fp16"
+    with caplog.at_level(logging.WARNING):
+        for image_id in ds.ids()[:2]:
+            image, keys = ds.load_image(image_id), list(ds.labels(image_id))
+            got, want = fp16.compute(image, keys), fp32.compute(image, keys)
+            assert all(np.isfinite(m).all() for m in got)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert caplog.text.count("computed again in fp32") == 1
+
+
+# ----------------------------------------------------------------------------- finding 6: CAA
+def test_caa_as_t_times_t_v_equals_the_squared_transition():
+    g = torch.Generator().manual_seed(0)
+    n_side = 7
+    attn = torch.rand(n_side * n_side, n_side * n_side, generator=g, dtype=torch.float64).softmax(-1)
+    t = balanced_transition(attn, 3)
+    v = torch.rand(n_side * n_side, 3, generator=g, dtype=torch.float64)
+    assert (t @ (t @ v) - (t @ t) @ v).abs().max() < 1e-12
+    cams = torch.rand(3, n_side, n_side, generator=g, dtype=torch.float64)
+    old = caa_refine(cams, balance_affinity(attn, 3), 0.4)
+    new = caa_refine(cams, t, 0.4, steps=2)
+    assert old.dtype == new.dtype == torch.float64
+    assert (old - new).abs().max() < 1e-12
+    # batched: (B, K, h, w) maps with (B, N, N) transitions, image by image
+    tb = torch.stack([t, balanced_transition(attn.t().contiguous(), 3)])
+    cb = torch.stack([cams, cams.flip(-1)])
+    batched = caa_refine(cb, tb, 0.4, steps=2)
+    for i in range(2):
+        assert (batched[i] - caa_refine(cb[i], tb[i], 0.4, steps=2)).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- finding 9: batched maps
+def test_batched_last_block_gradcam_and_caa_equal_per_image(toy_root, tiny_clip, tmp_path):
+    ds = open_dataset("toy", toy_root, "train")
+    cfg = CamConfig(dataset="toy", root=str(toy_root), split="train", out=str(tmp_path), model="x",
+                    templates=TEMPLATE, precision="fp32", background="toy")
+    engine = build_engine(cfg, ds.classes, tiny_clip)
+    ids = ds.ids()[:4]
+    keys = [list(ds.labels(i)) for i in ids]
+    keys[1] = keys[1][:1]  # different target counts in one batch
+    keys[2] = []  # and an image without labels
+    same = [np.asarray(Image.fromarray(ds.load_image(i)).resize((150, 110))) for i in ids]  # one size
+    items = [engine.prepare(im, i, k) for im, i, k in zip(same, ids, keys)]
+    batched = engine.compute_batch(items)
+    for item, (cam, caa) in zip(items, batched):
+        alone_cam, alone_caa = engine.compute_batch([item])[0]
+        assert cam.shape == alone_cam.shape == (len(item.keys), *engine.record_grid(item.work))
+        assert np.abs(cam - alone_cam).max(initial=0) <= 1e-6
+        assert np.abs(caa - alone_caa).max(initial=0) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- finding 5: records
+def test_multi_view_records_are_no_larger_than_single_view(toy_root, tiny_clip, tiny_clip_path, tmp_path):
+    single = tmp_path / "single"
+    generate_cams(_cfg(toy_root, tiny_clip_path, single, precision="fp32", limit=3), clip=tiny_clip, progress=False)
+    for name, views in (("flip", {"flip": True}), ("ms", {"scales": (1.0, 0.5, 1.5), "flip": True})):
+        out = tmp_path / name
+        assert generate_cams(_cfg(toy_root, tiny_clip_path, out, precision="fp32", limit=3, **views),
+                             clip=tiny_clip, progress=False).ok
+        for f in sorted((single / "cam").glob("*.npz")):
+            a, b = load_cam(f, full_size=False), load_cam(out / "cam" / f.name, full_size=False)
+            assert b.cam.shape == a.cam.shape and b.caa.shape == a.caa.shape
+            assert (out / "cam" / f.name).stat().st_size <= 1.25 * f.stat().st_size
+            assert load_cam(out / "cam" / f.name).size == load_cam(f).size
+
+
+def test_flip_average_at_the_grid_equals_the_average_at_full_size(toy_root, tiny_clip, tmp_path):
+    """Bilinear upsampling commutes with a flip and is linear, so averaging the two views at the
+    grid and upsampling (what the record does) equals the old full-size average."""
+    ds = open_dataset("toy", toy_root, "train")
+    cfg = CamConfig(dataset="toy", root=str(toy_root), split="train", out=str(tmp_path), model="x",
+                    templates=TEMPLATE, precision="fp32", flip=True)
+    engine = build_engine(cfg, ds.classes, tiny_clip)
+    image_id = ds.ids()[0]
+    item = engine.prepare(ds.load_image(image_id), image_id, list(ds.labels(image_id)))
+    size = item.work
+    views = [engine._batch_view(v, [item.keys], "batched") for v in item.views]
+    old = sum(upsample(m.numpy()[0], size)[:, :, ::-1] if f else upsample(m.numpy()[0], size)
+              for (m, _), f in zip(views, (False, True))) / 2
+    new = upsample(engine.compute_batch([item])[0][0], size)
+    assert np.abs(new - old).max() < 1e-5
+
+
+def test_records_are_atomic_but_not_fsynced_and_the_manifest_is(tmp_path, monkeypatch):
+    from clip_es import rundir
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    save_cam(tmp_path / "a.npz", [0], np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), (2, 2))
+    assert synced == [] and not list(tmp_path.glob(".*"))  # no temp file left behind
+    rundir.atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert len(synced) == 1
+
+
+# ----------------------------------------------------------------------------- finding 9: workers
+def test_workers_auto_is_zero_on_cpu_and_several_on_cuda(monkeypatch):
+    monkeypatch.setattr(cam_run, "available_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers("auto", "cpu") == 0
+    assert resolve_workers("auto", "cuda:0") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_workers("auto", "cuda:1") == 3
+    assert resolve_workers(2, "cuda:0") == 2 and resolve_workers("0", "cpu") == 0
+    for bad in (-1, "many"):
+        with pytest.raises(ConfigError):
+            resolve_workers(bad, "cpu")
+
+
+def test_label_passes_cam_workers_to_the_cam_stage(tmp_path, tiny_clip, monkeypatch):
+    import cv2
+
+    from clip_es import label
+
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / "labels.csv").write_text("a.png,cat\n")
+    kw = dict(images=str(tmp_path / "imgs"), out=str(tmp_path / "o"), classes="cat,dog",
+              labels=str(tmp_path / "labels.csv"))
+    with pytest.raises(ConfigError, match="--workers"):
+        label.LabelConfig(**kw, cam_workers="lots").validate()
+
+    class Stop(Exception):
+        pass
+
+    def fake(cfg, clip=None, progress=True):
+        raise Stop(cfg.workers)
+
+    monkeypatch.setattr(cam_run, "generate_cams", fake)
+    for workers in ("auto", 3):
+        with pytest.raises(Stop) as e:
+            label.label_folder(label.LabelConfig(**kw, cam_workers=workers), clip=tiny_clip, progress=False)
+        assert e.value.args[0] == workers
