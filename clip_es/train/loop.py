@@ -469,4 +469,6 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         run.record(cfg.name, status="done" if step >= cfg.steps else "partial", step=step,
                    last_loss=last_loss, images_per_s=rate, world_size=info.world,
                    parameters=n_total, trainable_parameters=n_trainable)
+    if info.enabled:  # every rank leaves (and tears the process group down) together, after rank 0's writes
+        dist.barrier()
     return TrainResult(str(run.path), str(ckpt_path), step, cfg.steps, last_loss, rate, info.world, resumed)
