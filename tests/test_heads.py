@@ -14,17 +14,9 @@ from clip_es.train.denseclip import AUX_TEMPERATURE, AUX_WEIGHT, GAMMA_INIT, SCO
 from clip_es.train.losses import ce_loss
 from clip_es.train.model import HEADS, Segmenter, SegmenterArch
 from tests.conftest import run_cli
-from tests.test_segmenter import SMALL, base_run  # noqa: F401  (fixture)
+from tests.test_segmenter import SMALL, _one_thread, base_run, check_onnx_parity  # noqa: F401  (fixtures)
 
 D = 64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(head: str = "denseclip", seed: int = 0) -> Segmenter:
@@ -146,22 +138,4 @@ def test_segment_names_never_trained_on(trained_heads, toy_root, tmp_path, head)
 
 
 def test_denseclip_onnx_export_parity(trained_heads, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    from clip_es.train.model import BoundSegmenter
-    from clip_es.train.onnx_export import export_onnx
-    from clip_es.train.segment import load_segmenter
-
-    ckpt = trained_heads / "seg_denseclip" / "last.pt"
-    path = export_onnx(ckpt, tmp_path / "m.onnx", height=64, width=64)
-    seg = load_segmenter(ckpt)
-    bound = BoundSegmenter(seg.model, seg.text).eval()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for h, w in ((64, 64), (96, 128)):
-        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h))
-        (got,) = sess.run(["logits"], {"image": x.numpy()})
-        with torch.no_grad():
-            ref = bound(x).numpy()
-        assert got.shape == (1, 9, h, w)
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-
+    check_onnx_parity(trained_heads / "seg_denseclip" / "last.pt", tmp_path / "m.onnx")

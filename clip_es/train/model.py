@@ -16,9 +16,10 @@ This module is the ``fusion`` segmenter family (:mod:`clip_es.train.families`): 
 segmenter, whose *head* (``SegmenterArch.head``, ``clipes train --head``) decides what
 happens between the backbone and the text-matching output. Heads are a plain registry
 (:data:`HEADS`): ``plain`` (no mixing: the text-matching head alone), ``fusion`` (the
-fusion blocks above). A head may act before the neck (on the backbone features and the
-raw class text, e.g. to add a score map to the stride-32 features) and after it (on
-``F`` and ``T``); see :class:`Head`.
+fusion blocks above), ``denseclip`` (DenseCLIP's context decoder and pixel-text score map,
+:mod:`clip_es.train.denseclip`). A head may act before the neck (on the backbone features
+and the raw class text, e.g. to add a score map to the stride-32 features) and after it (on
+``F`` and ``T``); see :class:`~clip_es.train.heads.Head`.
 
 Channel 0 of the logits is the learned background token, channel ``k + 1`` is class ``k``
 of the text given to :meth:`Segmenter.forward`. Every operation on ``T`` treats the text

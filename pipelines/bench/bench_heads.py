@@ -41,8 +41,8 @@ HEAD_ORDER = ("plain", "denseclip", "fusion")
 RESULTS = "bench_heads.json"
 
 
-def cell_name(backbone: str, head: str, seed: int) -> str:
-    return f"heads_{backbone}_{head}_s{seed}"
+def cell_name(backbone: str, head: str, seed: int, steps: int) -> str:
+    return f"heads{steps}_{backbone}_{head}_s{seed}"
 
 
 def grid(backbones: list[str], heads: list[str], seeds: dict[str, int]) -> list[tuple[str, str, int]]:
@@ -55,7 +55,7 @@ def train_cell(args: argparse.Namespace, backbone: str, head: str, seed: int) ->
     from clip_es.evaluate import EvalOptions, evaluate_run
     from clip_es.train.loop import TrainConfig, train_segmenter
 
-    name = cell_name(backbone, head, seed)
+    name = cell_name(backbone, head, seed, args.steps)
     resume = (Path(args.run) / name / "last.pt").is_file()
     cfg = TrainConfig(run=args.run, name=name, labels="refine", steps=args.steps, batch_size=args.batch_size,
                       crop_size=args.crop_size, lr=args.lr, scale_range=(0.75, 1.5), backbone=backbone, head=head,
@@ -81,14 +81,14 @@ def measure_costs(args: argparse.Namespace, cells: list[tuple[str, str]]) -> dic
     out: dict[str, dict[str, float]] = {}
     for backbone, head in cells:
         key = f"{backbone}/{head}"
-        seg = load_segmenter(Path(args.run) / cell_name(backbone, head, 0) / "last.pt")
+        seg = load_segmenter(Path(args.run) / cell_name(backbone, head, 0, args.steps) / "last.pt")
         segs[key] = seg
         trainable = sum(p.numel() for p in seg.model.parameters()) - sum(
             v.numel() for k, v in seg.model.state_dict().items()
             if any(k.startswith(f) for f in seg.model.frozen_prefixes))
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             seg.model(torch.rand(1, 3, 512, 512), seg.text)
-        out[key] = {"params": int(trainable), "gflops": fc.get_total_flops() / 1e9}
+        out[key] = {"params": int(trainable), "gflops": fc.get_total_flops() / 1e9, "classes": len(seg.classes)}
     image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
     for seg in segs.values():  # warm-up
         predict_labels(seg, image)
@@ -108,10 +108,11 @@ def measure_costs(args: argparse.Namespace, cells: list[tuple[str, str]]) -> dic
 
 def table(results: dict[str, Any], backbones: list[str], heads: list[str], args: argparse.Namespace) -> str:
     cells, costs = results["cells"], results.get("costs", {})
+    n_classes = next((c["classes"] for c in costs.values()), "the run's")
     lines = [f"Toy world (`{args.run}`), pseudo masks = refine, {args.steps} steps, batch {args.batch_size}, "
              f"crop {args.crop_size}, scale 0.75-1.5, lr {args.lr:g} (warm-up then cosine), random-init backbones, "
              "val mIoU on 200 held-out images against ground truth. Cost columns: one process after all trainings; "
-             "GFLOPs of one 512x512 forward with the run's 8 classes (FlopCounterMode, multiply-add = 2); images/s of "
+             f"GFLOPs of one 512x512 forward with {n_classes} classes (FlopCounterMode, multiply-add = 2); images/s of "
              "`predict_labels` (the `clipes segment` per-image call) at 500x375, 1 thread, round-robin "
              f"({args.speed_rounds} rounds x {args.speed_images} images per model).", "",
              "| backbone | head | val mIoU | seeds | trainable params | GFLOPs @512 | img/s @500x375, 1 thread |",
@@ -162,7 +163,7 @@ def main() -> None:
     path = Path(args.run) / RESULTS
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
     for b, h, s in grid(backbones, heads, seeds):
-        name = cell_name(b, h, s)
+        name = cell_name(b, h, s, args.steps)
         done = results["cells"].get(name)
         if done and done["steps"] == args.steps:
             print(f"{name}: done (val mIoU {100 * done['miou']:.1f}), skipped", flush=True)
