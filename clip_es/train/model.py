@@ -458,7 +458,7 @@ class CnnFamily:
         mean, std = backbone_norm(cfg.backbone)
         head = "plain" if cfg.head == "fusion" and cfg.fusion_blocks == 0 else cfg.head
         return SegmenterArch(backbone=cfg.backbone, head=head, text_dim=text_dim, dim=cfg.dim, heads=cfg.heads,
-                             fusion_blocks=cfg.fusion_blocks if issubclass(HEADS[head], FusionHead) else 0, mean=mean,
+                             fusion_blocks=cfg.fusion_blocks if head == "fusion" else 0, mean=mean,
                              std=std).validate()
 
     def arch_from_dict(self, d: dict[str, Any]) -> SegmenterArch:
