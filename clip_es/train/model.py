@@ -308,34 +308,11 @@ class FusionHead(Head):
         return f, t
 
 
-class _OneBridgeHead(FusionHead):
-    """Experiment (issue 22): fusion with one bridge direction frozen at its zero start."""
-
-    keep = "v2t"
-
-    def __init__(self, arch: "SegmenterArch", channels: list[int]):
-        super().__init__(arch, channels)
-        for blk in self.blocks:
-            for name in {"v2t", "t2v"} - {self.keep}:
-                for p in getattr(blk, name).proj.parameters():  # zero-initialised: the branch adds exactly 0
-                    p.requires_grad_(False)
-
-
-class _V2TOnlyHead(_OneBridgeHead):
-    keep = "v2t"
-
-
-class _T2VOnlyHead(_OneBridgeHead):
-    keep = "t2v"
-
-
 #: ``--head`` name -> head class ``(arch, backbone channels at strides 8/16/32) -> Head``.
 HEADS: dict[str, type[Head]] = {
     "plain": Head,
     "fusion": FusionHead,
     "denseclip": DenseClipHead,
-    "fusion_v2t": _V2TOnlyHead,
-    "fusion_t2v": _T2VOnlyHead,
 }
 
 
