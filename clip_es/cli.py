@@ -496,7 +496,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           arch: str = typer.Option("fusion", "--arch", help="Segmenter family: fusion (timm CNN + CLIP-text head, "
                                    "small and fast)."),
           head: str = typer.Option("fusion", "--head", help="Head of the CNN segmenter: fusion (Jin & Yang's "
-                                   "two-way fusion blocks) or plain (text matching only)."),
+                                   "two-way fusion blocks), denseclip (DenseCLIP's context decoder + score map) "
+                                   "or plain (text matching only)."),
           unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes to hold out "
                                                "(zero-shot protocol): their pixels are ignored and their names "
                                                "never reach the model; segment/eval can still ask for them."),

@@ -364,14 +364,14 @@ def test_eval_reports_segmenter(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------- ONNX
-def test_onnx_export_parity(trained, tmp_path):
+def check_onnx_parity(ckpt: Path, out: Path) -> Path:
+    """Export ``ckpt`` at 64x64 to ``out`` and check onnxruntime against torch there and at 96x128."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from clip_es.train.onnx_export import export_onnx
     from clip_es.train.segment import load_segmenter
 
-    ckpt = trained / "segmenter" / "last.pt"
-    path = export_onnx(ckpt, tmp_path / "m.onnx", height=64, width=64)
+    path = export_onnx(ckpt, out, height=64, width=64)
     seg = load_segmenter(ckpt)
     bound = BoundSegmenter(seg.model, seg.text).eval()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -382,6 +382,13 @@ def test_onnx_export_parity(trained, tmp_path):
             ref = bound(x).numpy()
         assert got.shape == (1, 9, h, w)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    return path
+
+
+def test_onnx_export_parity(trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    ckpt = trained / "segmenter" / "last.pt"
+    path = check_onnx_parity(ckpt, tmp_path / "m.onnx")
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}

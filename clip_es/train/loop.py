@@ -69,7 +69,7 @@ class TrainConfig:
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
         arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter).
-        head: the CNN segmenter's head (``plain``, ``fusion``; see :data:`clip_es.train.model.HEADS`).
+        head: the CNN segmenter's head (``plain``, ``denseclip``, ``fusion``; see :data:`clip_es.train.model.HEADS`).
         loss: a :data:`clip_es.train.losses.LOSSES` name (``ce``: softmax cross-entropy, ``sigmoid``:
             per-class focal + dice); ``None`` = the family's default.
         unseen: class names held out (inductive zero-shot protocol): their pixels in the training
@@ -165,6 +165,20 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
                                    "self_train_from": 0.5}
+
+
+def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+                  extras: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+    """``loss_fn(logits, y)`` plus ``weight * CE`` of each ``(weight, aux_logits)`` in ``extras["aux"]``.
+
+    ``logits`` ``(B, K+1, H, W)``, ``y`` ``(B, H, W)`` (255 = ignored, as in the main loss); auxiliary
+    logits ``(B, K+1, h, w)`` are upsampled bilinearly to ``(H, W)`` first.
+    """
+    loss = loss_fn(logits, y)
+    for weight, aux in extras.get("aux", ()):
+        aux = F.interpolate(aux, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss = loss + weight * ce_loss(aux, y)
+    return loss
 
 
 def stage_params(cfg: TrainConfig) -> dict[str, Any]:
@@ -430,10 +444,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             logits, extras = net(x, text, return_extras=True)
             if self_train_step is not None and step >= self_train_step:
                 y = self_train_targets(logits, y, unseen_channels)
-            loss = loss_fn(logits, y)
-            for weight, aux in extras.get("aux", ()):
-                aux = F.interpolate(aux, size=y.shape[-2:], mode="bilinear", align_corners=False)
-                loss = loss + weight * ce_loss(aux, y)
+            loss = training_loss(loss_fn, logits, extras, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

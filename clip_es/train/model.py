@@ -16,9 +16,10 @@ This module is the ``fusion`` segmenter family (:mod:`clip_es.train.families`): 
 segmenter, whose *head* (``SegmenterArch.head``, ``clipes train --head``) decides what
 happens between the backbone and the text-matching output. Heads are a plain registry
 (:data:`HEADS`): ``plain`` (no mixing: the text-matching head alone), ``fusion`` (the
-fusion blocks above). A head may act before the neck (on the backbone features and the
-raw class text, e.g. to add a score map to the stride-32 features) and after it (on
-``F`` and ``T``); see :class:`Head`.
+fusion blocks above), ``denseclip`` (DenseCLIP's context decoder and pixel-text score map,
+:mod:`clip_es.train.denseclip`). A head may act before the neck (on the backbone features
+and the raw class text, e.g. to add a score map to the stride-32 features) and after it (on
+``F`` and ``T``); see :class:`~clip_es.train.heads.Head`.
 
 Channel 0 of the logits is the learned background token, channel ``k + 1`` is class ``k``
 of the text given to :meth:`Segmenter.forward`. Every operation on ``T`` treats the text
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_es.errors import ConfigError, RegistryError, WeightsError, first_line
+from clip_es.train.denseclip import DenseClipHead
+from clip_es.train.heads import Attention, Head
 
 log = logging.getLogger(__name__)
 
@@ -229,30 +232,6 @@ class Neck(nn.Module):
         return self.smooth(p)
 
 
-class Attention(nn.Module):
-    """Multi-head attention ``(B, Nq, C), (B, Nk, C) -> (B, Nq, C)``.
-
-    Written with plain matmuls (no fused kernel) so ONNX export sees ordinary ops.
-    """
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
-        B, _, C = q_in.shape
-        h = self.heads
-        q = self.q(q_in).reshape(B, -1, h, C // h).transpose(1, 2)             # (B, h, Nq, c)
-        kv = self.kv(kv_in).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, c)
-        attn = (q @ kv[0].transpose(-2, -1)) * self.scale
-        out = attn.softmax(-1) @ kv[1]                                         # (B, h, Nq, c)
-        return self.proj(out.transpose(1, 2).reshape(B, -1, C))
-
-
 class FusionBlock(nn.Module):
     """One fusion block: parallel CNN and transformer branches with a two-way bridge.
 
@@ -315,31 +294,6 @@ class TextMatchingHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- heads
-class Head(nn.Module):
-    """What a head adds between the backbone and the text-matching output (identity here: ``plain``).
-
-    ``pre_neck(feats, text)``: the backbone's stride-8/16/32 maps and the raw class tokens
-    ``(B, K+1, D)`` (background first) -> the same, possibly changed, plus extras (e.g.
-    ``{"aux": [(weight, logits)]}``). ``post_neck(f, t)``: ``F`` ``(B, C, h, w)`` and the
-    projected tokens ``T`` ``(B, K+1, C)`` -> the same shapes. ``neck_channels(chs)``: the
-    channel counts the neck receives for backbone channels ``chs`` (strides 8/16/32).
-    Every head must treat the class tokens as a set (any ``K`` at inference).
-    """
-
-    def __init__(self, arch: "SegmenterArch", channels: list[int]):
-        super().__init__()
-
-    def neck_channels(self, channels: list[int]) -> list[int]:
-        return list(channels)
-
-    def pre_neck(self, feats: list[torch.Tensor], text: torch.Tensor
-                 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, Any]]:
-        return feats, text, {}
-
-    def post_neck(self, f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return f, t
-
-
 class FusionHead(Head):
     """Jin & Yang's fusion: ``arch.fusion_blocks`` :class:`FusionBlock` s after the neck."""
 
@@ -358,6 +312,7 @@ class FusionHead(Head):
 HEADS: dict[str, type[Head]] = {
     "plain": Head,
     "fusion": FusionHead,
+    "denseclip": DenseClipHead,
 }
 
 
