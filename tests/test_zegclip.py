@@ -287,3 +287,15 @@ def test_clip_family_train_is_instant_and_segment_needs_no_checkpoint(run_dir, t
     assert run_cli(["segment", "--arch", "zegclip", "--classes", "a", "-o", str(tmp_path / "x"), "--images",
                     str(tmp_path)]) == 2
     assert run_cli(["segment", "--arch", "clip", "-o", str(tmp_path / "y"), "--images", str(tmp_path)]) == 2
+
+
+def test_zero_shot_recipe_holds_out_classes_in_train_and_eval(tmp_path):
+    from pathlib import Path
+
+    from clip_es.recipe import load_recipe, stage_configs
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "toy_zeroshot.toml"
+    cfgs = stage_configs(load_recipe(path), tmp_path / "root", tmp_path / "run")
+    train = cfgs["train"].validate()
+    assert train.arch == "zegclip" and train.unseen == ("ring", "fish") and train.resolved_loss() == "focal_dice"
+    assert cfgs["eval"].unseen == ("ring", "fish")  # [eval] takes [train]'s held-out classes
