@@ -13,22 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_es.errors import ConfigError, RunDirError
+from clip_es.errors import ConfigError
 from clip_es.train.clipdense import ClipDenseArch, ClipDenseSegmenter
 from clip_es.train.losses import IGNORE, focal_dice_loss
 from clip_es.train.zegclip import ZegClipArch, ZegClipSegmenter, decoder_heads
 from tests.conftest import TEST_CLIP, run_cli
-from tests.test_segmenter import base_run, run_dir  # noqa: F401  (fixtures)
+from tests.test_segmenter import _one_thread, base_run, resume_matches_uninterrupted, run_dir  # noqa: F401
 
 ZEG = dict(labels="gt", batch_size=2, crop_size=64, device="cpu", log_every=1, warmup=2, arch="zegclip")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _text(k: int, d: int = TEST_CLIP.embed_dim, seed: int = 0) -> torch.Tensor:
@@ -194,30 +186,9 @@ def test_checkpoint_has_no_clip_and_segments_new_names(run_dir, tmp_path):  # no
 
 
 def test_zegclip_resume_matches_uninterrupted(run_dir, tmp_path):  # noqa: F811
-    from clip_es.train.loop import TrainConfig, load_checkpoint, train_segmenter
-
-    other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
-    cfg = dict(steps=5, save_every=2, **ZEG)
-    train_segmenter(TrainConfig(run=str(run_dir), **cfg), progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_segmenter(TrainConfig(run=str(other), **cfg), progress=False, on_step=kill_at_3)
-    with pytest.raises(RunDirError, match="--resume"):
-        train_segmenter(TrainConfig(run=str(other), **cfg), progress=False)
-    res = train_segmenter(TrainConfig(run=str(other), resume=True, **cfg), progress=False)
-    assert res.resumed_from == 2 and res.step == 5
-    assert (run_dir / "segmenter" / "log.csv").read_text() == (other / "segmenter" / "log.csv").read_text()
-    a, b = load_checkpoint(run_dir / "segmenter" / "last.pt"), load_checkpoint(other / "segmenter" / "last.pt")
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    """As for fusion, with the prompts' dropout drawing from the restored RNG."""
+    a, _ = resume_matches_uninterrupted(run_dir, tmp_path, dict(steps=5, save_every=2, **ZEG), kill_at=3)
+    assert "prompts.tokens" in a["model"]
 
 
 def test_ablation_options_are_recorded(run_dir):  # noqa: F811

@@ -19,7 +19,7 @@ the floor a trained family must beat on classes it never saw.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_es.errors import ConfigError
-from clip_es.model.dense import dense_forward, final_tokens, patch_size_of
+from clip_es.model.dense import dense_forward, final_tokens
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
+from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule, record_to_dict
 
 FAMILY_NAME = "clip"
 #: Last-block variants: ``value`` (MaskCLIP's value path) or ``plain`` (the CLIP's own last block).
@@ -63,17 +64,7 @@ class ClipDenseArch:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"family": FAMILY_NAME, **asdict(self)}
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipDenseArch":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("mean", "std"):
-            if k in known:
-                known[k] = tuple(float(v) for v in known[k])
-        return cls(**known)
+        return record_to_dict(FAMILY_NAME, self)
 
 
 def value_path_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -92,36 +83,19 @@ def value_path_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return last.attn.out_proj(F.linear(last.ln_1(x), w, b))
 
 
-class ClipDenseSegmenter(nn.Module):
+class ClipDenseSegmenter(FrozenClipModule):
     """Training-free dense CLIP segmenter (see the module docstring)."""
 
     score_kind = "softmax"
     calibration = 0.0
-    frozen_prefixes: tuple[str, ...] = ("visual.",)
 
     def __init__(self, arch: ClipDenseArch, visual: nn.Module):
-        super().__init__()
-        self.arch = arch.validate()
-        if not hasattr(visual, "transformer") or getattr(visual, "proj", None) is None:
-            raise ConfigError("--arch clip needs a ViT CLIP with a projection (e.g. clipes-tiny, ViT-B-16)")
-        self.visual = visual.eval()
-        for p in self.visual.parameters():
-            p.requires_grad_(False)
-        self.stride = patch_size_of(visual)
-        self.register_buffer("mean", torch.tensor(arch.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(arch.std).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> "ClipDenseSegmenter":
-        super().train(mode)
-        self.visual.eval()
-        return self
+        super().__init__(arch, visual, FAMILY_NAME)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, return_extras: bool = False):
         """``(B, 3, H, W)`` RGB in [0, 1] (sides multiples of :attr:`stride`) and ``(K, D)`` text ->
         ``(B, K+1, H, W)`` logits, channel 0 background."""
-        if text.ndim != 2 or text.shape[1] != self.arch.text_dim:
-            raise ConfigError(f"class text must be (K, {self.arch.text_dim}) CLIP embeddings, got "
-                              f"{tuple(text.shape)}; embed the classes with the same CLIP")
+        self.check_text(text)
         H, W = x.shape[-2:]
         p = self.stride
         z = (x - self.mean) / self.std
@@ -139,24 +113,17 @@ class ClipDenseSegmenter(nn.Module):
                           "use clipes segment --arch clip")
 
 
-class ClipDenseFamily:
+class ClipDenseFamily(FrozenClipFamily):
     """The ``clip`` family (:mod:`clip_es.train.families`): nothing to train."""
 
     name = FAMILY_NAME
+    arch_cls = ClipDenseArch
+    module_cls = ClipDenseSegmenter
     trainable = False
     default_loss = "ce"
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ClipDenseArch:
         return ClipDenseArch(text_dim=text_dim, path=str(getattr(cfg, "dense_path", "value"))).validate()
-
-    def arch_from_dict(self, d: dict[str, Any]) -> ClipDenseArch:
-        return ClipDenseArch.from_dict(d)
-
-    def build(self, arch: ClipDenseArch, ctx: Any) -> ClipDenseSegmenter:
-        return ClipDenseSegmenter(arch, ctx.load_clip().model.visual)
-
-    def upgrade_state(self, arch: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        return state
 
 
 FAMILY = ClipDenseFamily()

@@ -30,9 +30,8 @@ trainable parameter used).
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,10 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_es.errors import ConfigError
-from clip_es.model.dense import block_forward, embed, patch_size_of
+from clip_es.model.dense import block_forward, embed
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-
-log = logging.getLogger(__name__)
+from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule, record_to_dict
 
 FAMILY_NAME = "zegclip"
 #: Most decoder heads (ZegCLIP uses 8); fewer when 8 does not divide the CLIP embedding width.
@@ -88,17 +86,7 @@ class ZegClipArch:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"family": FAMILY_NAME, **asdict(self)}
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ZegClipArch":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("mean", "std"):
-            if k in known:
-                known[k] = tuple(float(v) for v in known[k])
-        return cls(**known)
+        return record_to_dict(FAMILY_NAME, self)
 
 
 class DeepPrompts(nn.Module):
@@ -152,28 +140,17 @@ class MaskLogits(nn.Module):
         return ((qh @ kh.transpose(-2, -1)) * dh ** -0.5).mean(1)
 
 
-class ZegClipSegmenter(nn.Module):
+class ZegClipSegmenter(FrozenClipModule):
     """Frozen CLIP ViT + deep prompts + relationship descriptor + mask decoder (see the module docstring)."""
 
     score_kind = "sigmoid"
     #: Offset on trained classes' sigmoid scores when untrained names are asked for: measured on the
     #: toy world (pipelines/toy/ZEROSHOT.md: 0, 0.1 and 0.2 compared on both splits).
     calibration = 0.0
-    frozen_prefixes: tuple[str, ...] = ("visual.",)
 
     def __init__(self, arch: ZegClipArch, visual: nn.Module):
-        super().__init__()
-        self.arch = arch.validate()
-        if not hasattr(visual, "transformer") or getattr(visual, "proj", None) is None:
-            raise ConfigError("--arch zegclip needs a ViT CLIP with a projection (e.g. clipes-tiny, ViT-B-16)")
-        if visual.proj.shape[1] != arch.text_dim:
-            raise ConfigError(f"the CLIP projects images to {visual.proj.shape[1]} dims, the class text has "
-                              f"{arch.text_dim}; embed the classes with the same CLIP")
-        self.visual = visual.eval()
-        for p in self.visual.parameters():
-            p.requires_grad_(False)
+        super().__init__(arch, visual, FAMILY_NAME)
         width = int(visual.conv1.out_channels)
-        self.stride = patch_size_of(visual)
         blocks = len(visual.transformer.resblocks)
         self.prompts = DeepPrompts(blocks, arch.prompts, width, self.stride, arch.dropout) if arch.prompts else None
         self.out_norm = nn.LayerNorm(width)
@@ -184,8 +161,6 @@ class ZegClipSegmenter(nn.Module):
         self.memory = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
         self.decoder = nn.ModuleList(DecoderLayer(d, arch.heads) for _ in range(arch.layers - 1))
         self.scorer = MaskLogits(d, arch.heads)
-        self.register_buffer("mean", torch.tensor(arch.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(arch.std).view(1, 3, 1, 1), persistent=False)
         self._start_from_clip()
 
     @torch.no_grad()
@@ -206,11 +181,6 @@ class ZegClipSegmenter(nn.Module):
                 lin.weight.zero_()
                 lin.bias.zero_()
 
-    def train(self, mode: bool = True) -> "ZegClipSegmenter":
-        super().train(mode)
-        self.visual.eval()  # the frozen CLIP always runs as at inference
-        return self
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Normalised ``(B, 3, H, W)`` -> L2-normalised patch tokens ``(B, N, D)``, CLS ``g`` ``(B, D)``, grid."""
         tok, grid = embed(self.visual, x)
@@ -226,9 +196,7 @@ class ZegClipSegmenter(nn.Module):
     def queries(self, text: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Relationship descriptor: ``(K, D)`` text and ``(B, D)`` CLS -> ``(B, K+1, D)`` queries
         (the learnt background first)."""
-        if text.ndim != 2 or text.shape[1] != self.arch.text_dim:
-            raise ConfigError(f"class text must be (K, {self.arch.text_dim}) CLIP embeddings, got "
-                              f"{tuple(text.shape)}; embed the classes with the CLIP the model was trained with")
+        self.check_text(text)
         t = torch.cat([F.normalize(self.bg_token, dim=0)[None], text.to(g.dtype)], 0)[None]  # (1, K+1, D)
         t = t.expand(g.shape[0], -1, -1)
         if self.arch.relation:
@@ -260,29 +228,18 @@ class ZegClipSegmenter(nn.Module):
                           "through interpolated position embeddings); use clipes segment")
 
 
-class ZegClipFamily:
+class ZegClipFamily(FrozenClipFamily):
     """The ``zegclip`` family (:mod:`clip_es.train.families`)."""
 
     name = FAMILY_NAME
+    arch_cls = ZegClipArch
+    module_cls = ZegClipSegmenter
     trainable = True
     default_loss = "focal_dice"
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ZegClipArch:
         return ZegClipArch(text_dim=text_dim, prompts=int(getattr(cfg, "prompts", 10)),
                            relation=bool(getattr(cfg, "relation", True)), heads=decoder_heads(text_dim)).validate()
-
-    def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
-        return ZegClipArch.from_dict(d)
-
-    def build(self, arch: ZegClipArch, ctx: Any) -> ZegClipSegmenter:
-        clip = ctx.load_clip()
-        if tuple(clip.mean) != tuple(arch.mean) or tuple(clip.std) != tuple(arch.std):
-            log.warning("the CLIP %s normalises with mean %s / std %s; zegclip feeds it with %s / %s",
-                        clip.name, clip.mean, clip.std, arch.mean, arch.std)
-        return ZegClipSegmenter(arch, clip.model.visual)
-
-    def upgrade_state(self, arch: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        return state
 
 
 FAMILY = ZegClipFamily()
