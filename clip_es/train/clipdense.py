@@ -108,10 +108,6 @@ class ClipDenseSegmenter(FrozenClipModule):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return (logits, {}) if return_extras else logits
 
-    def export_module(self, text: torch.Tensor) -> nn.Module:
-        raise ConfigError("export-onnx does not export --arch clip (a training-free CLIP ViT at every input size); "
-                          "use clipes segment --arch clip")
-
 
 class ClipDenseFamily(FrozenClipFamily):
     """The ``clip`` family (:mod:`clip_es.train.families`): nothing to train."""

@@ -42,6 +42,7 @@ class FrozenClipModule(nn.Module):
 
     def __init__(self, arch: Any, visual: nn.Module, family: str):
         super().__init__()
+        self.family = family
         self.arch = arch.validate()
         if not hasattr(visual, "transformer") or getattr(visual, "proj", None) is None:
             raise ConfigError(f"--arch {family} needs a ViT CLIP with a projection (e.g. clipes-tiny, ViT-B-16)")
@@ -59,6 +60,10 @@ class FrozenClipModule(nn.Module):
         super().train(mode)
         self.visual.eval()  # the frozen CLIP always runs as at inference
         return self
+
+    def export_module(self, text: torch.Tensor) -> nn.Module:
+        raise ConfigError(f"export-onnx does not export --arch {self.family} (a frozen CLIP ViT run at every input "
+                          "size through interpolated position embeddings); use clipes segment")
 
     def check_text(self, text: torch.Tensor) -> None:
         if text.ndim != 2 or text.shape[1] != self.arch.text_dim:

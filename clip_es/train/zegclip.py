@@ -223,10 +223,6 @@ class ZegClipSegmenter(FrozenClipModule):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return (logits, {}) if return_extras else logits
 
-    def export_module(self, text: torch.Tensor) -> nn.Module:
-        raise ConfigError("export-onnx does not export --arch zegclip (its frozen CLIP ViT runs at every input size "
-                          "through interpolated position embeddings); use clipes segment")
-
 
 class ZegClipFamily(FrozenClipFamily):
     """The ``zegclip`` family (:mod:`clip_es.train.families`)."""
