@@ -10,7 +10,10 @@ on the family (:mod:`clip_es.train.families`): the CNN segmenter scores pixels b
 similarity to the projected text, so an unseen class is found to the extent its CLIP text
 embedding lies near trained ones with similar appearance (a synonym or close relative of a
 trained class transfers well; an unrelated concept mostly does not, since a small CNN
-trained on K classes never learnt its appearance). Dropping classes is always safe.
+trained on K classes never learnt its appearance). ``zegclip`` keeps the CLIP's image encoder
+frozen, so its patch features stay aligned with the text space and a class it never trained on
+is found (pipelines/toy/ZEROSHOT.md); ``clip`` needs no training at all. Dropping classes is
+always safe.
 
 Calibration: when the list holds names the segmenter was not trained on (names held out
 with ``clipes train --unseen``, or new ones) next to trained ones, the trained classes'

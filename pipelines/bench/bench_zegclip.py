@@ -5,9 +5,11 @@
 Prints (one CPU thread, medians over repeats):
   1. trainable / total parameters of zegclip (on the bundled clipes-tiny CLIP), fusion (resnet18)
      and the training-free clip family;
-  2. ``clipes segment``-path images/s (:func:`clip_es.train.segment.predict_labels`: padding,
+  2. training seconds per step (batch 8, 160 px crops as in the toy tables: forward, the family's
+     default loss, backward, AdamW step) for zegclip and fusion;
+  3. ``clipes segment``-path images/s (:func:`clip_es.train.segment.predict_labels`: padding,
      forward, argmax) at 320x320 and at VOC size 500x375 for zegclip and fusion, with the ratio;
-  3. a random-weight ViT-B/16 (``open_clip.create_model('ViT-B-16-quickgelu')``, no download)
+  4. a random-weight ViT-B/16 (``open_clip.create_model('ViT-B-16-quickgelu')``, no download)
      under zegclip at 512x512 on the CPU: images/s and the peak resident memory of that forward
      (measured in a fresh subprocess).
 Weights are random: speed and memory do not depend on them.
@@ -63,6 +65,29 @@ def rate(seg: LoadedSegmenter, h: int, w: int, repeats: int) -> float:
     return 1.0 / statistics.median(times)
 
 
+def step_seconds(model: torch.nn.Module, loss_name: str, repeats: int) -> float:
+    """Median seconds of one training step on a random batch of 8 160 px crops."""
+    from clip_es.train.losses import get_loss
+
+    loss_fn = get_loss(loss_name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 160, 160, generator=gen)
+    y = torch.randint(0, 9, (8, 160, 160), generator=gen)
+    text = F.normalize(torch.randn(8, 128, generator=gen), dim=-1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        loss = loss_fn(model(x, text), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def vit_b16_child(repeats: int) -> None:
     """In a fresh process: zegclip on a random ViT-B/16 at 512x512, images/s and peak RSS."""
     import open_clip
@@ -106,6 +131,9 @@ def main() -> None:
     for name, m in (("zegclip (clipes-tiny)", zeg), ("fusion (resnet18)", fusion), ("clip (clipes-tiny)", free)):
         tr, total = params(m)
         print(f"  {name:24s} {tr / 1e6:6.3f}M / {total / 1e6:6.3f}M")
+    tz, tf = step_seconds(zeg, "focal_dice", args.repeats), step_seconds(fusion, "ce", args.repeats)
+    print(f"training, batch 8 x 160 px, 1 thread: zegclip {tz:.2f} s/step, fusion {tf:.2f} s/step "
+          f"(zegclip / fusion = {tz / tf:.2f}x)")
     segs = {"zegclip": loaded(zeg, 128), "fusion": loaded(fusion, 128), "clip": loaded(free, 128)}
     print("clipes segment path, 1 thread, images/s:")
     for h, w in ((320, 320), (375, 500)):
