@@ -270,3 +270,14 @@ def test_zero_shot_recipe_holds_out_classes_in_train_and_eval(tmp_path):
     train = cfgs["train"].validate()
     assert train.arch == "zegclip" and train.unseen == ("ring", "fish") and train.resolved_loss() == "focal_dice"
     assert cfgs["eval"].unseen == ("ring", "fish")  # [eval] takes [train]'s held-out classes
+
+
+def test_zero_shot_recipe_runs_end_to_end_and_prints_the_table(toy_root, tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "pipelines" / "toy_zeroshot.toml"
+    argv = ["run", str(recipe), "--root", str(toy_root), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
+            "--set", "train.crop_size=64", "--set", "train.batch_size=2", "--set", "train.device=cpu"]
+    assert run_cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "seen mIoU" in out and "unseen mIoU" in out and "hIoU" in out and "ring, fish" in out
