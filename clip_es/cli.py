@@ -494,7 +494,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           loss: Optional[str] = typer.Option(None, "--loss", help="ce (softmax cross-entropy) or sigmoid (per-class "
                                              "focal + dice, non-mutually-exclusive); default: the --arch's own."),
           arch: str = typer.Option("fusion", "--arch", help="Segmenter family: fusion (timm CNN + CLIP-text head, "
-                                   "small and fast)."),
+                                   "small and fast), zegclip (frozen CLIP ViT + deep prompts + decoder: classes never "
+                                   "labelled), clip (training-free CLIP patch-text similarity)."),
           head: str = typer.Option("fusion", "--head", help="Head of the CNN segmenter: fusion (Jin & Yang's "
                                    "two-way fusion blocks), denseclip (DenseCLIP's context decoder + score map) "
                                    "or plain (text matching only)."),
@@ -505,6 +506,11 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                             "ignored pixels the model assigns to them are self-trained on."),
           self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
                                                 "--steps before self-training starts."),
+          prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
+          no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
+                                           "alone (no relationship descriptor with the image's CLS)."),
+          dense_path: str = typer.Option("value", "--dense-path", help="clip: the last block's value path "
+                                         "(MaskCLIP) or the plain block."),
           backbone: str = typer.Option("resnet18", "--backbone", help="timm CNN (features_only), e.g. resnet18, "
                                        "mobilenetv3_large_100."),
           backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Local state dict of the "
@@ -536,8 +542,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                       loss=loss, backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
                       backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=fusion_blocks,
                       arch=arch, head="plain" if no_fusion else head, unseen=_names(unseen, "--unseen"),
-                      transductive=transductive, self_train_from=self_train_from,
-                      device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
+                      transductive=transductive, self_train_from=self_train_from, prompts=prompts,
+                      relation=not no_relation, dense_path=dense_path, device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
                       scale_range=_pair(scale_range, "--scale-range"), threads=threads)
     res = train_segmenter(cfg)
@@ -563,8 +569,11 @@ def _pair(text: str, opt: str) -> tuple[float, float]:
 
 
 @app.command()
-def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Segmenter checkpoint "
-                                            "(RUN/segmenter/model.pt, or last.pt)."),
+def segment(checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Segmenter checkpoint "
+                                                      "(RUN/segmenter/model.pt, or last.pt)."),
+            arch: Optional[str] = typer.Option(None, "--arch", help="Instead of --checkpoint: a family that needs "
+                                               "no training (clip: CLIP patch-text similarity; with --classes and "
+                                               "--clip-model/--clip-pretrained, default the bundled CLIP)."),
             out: Path = typer.Option(..., "--out", "-o", help="Folder for <id>.png palette predictions."),
             images: Optional[Path] = typer.Option(None, "--images", help="A folder of images to segment."),
             dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Or a dataset kind: voc, coco, "
@@ -580,7 +589,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
             limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
             max_side: int = typer.Option(2048, "--max-side", help="Predict images whose longer side is above this "
                                          "on a downscaled copy (bounds memory); 0 = always native size."),
-            clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names."),
+            clip_model: Optional[str] = typer.Option(None, "--clip-model", help="CLIP override for new class names "
+                                                     "(with --arch: the CLIP to segment with)."),
             clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or "
                                                           "file."),
             overlay: bool = typer.Option(False, "--overlay", help="Also write OUT/<id>.overlay.jpg: the image with "
@@ -594,7 +604,8 @@ def segment(checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Seg
     OUT/classes.txt). Resumable."""
     from clip_es.train.segment import SegmentConfig, segment as run_segment
 
-    cfg = SegmentConfig(checkpoint=str(checkpoint), out=str(out), images=str(images) if images else None,
+    cfg = SegmentConfig(checkpoint=str(checkpoint) if checkpoint else None, arch=arch, out=str(out),
+                        images=str(images) if images else None,
                         dataset=dataset, root=str(root) if root else None, split=split, classes=classes,
                         class_file=str(class_file) if class_file else None, device=device, limit=limit,
                         clip_model=clip_model, clip_pretrained=clip_pretrained, max_side=max_side or None,

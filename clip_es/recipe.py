@@ -212,6 +212,8 @@ def stage_configs(recipe: dict[str, Any], root: str | Path, out: str | Path) -> 
         sec = dict(recipe["eval"])
         if eval_split and "split" not in sec:
             sec["split"] = eval_split
+        if "unseen" not in sec and (recipe.get("train") or {}).get("unseen"):
+            sec["unseen"] = recipe["train"]["unseen"]  # the held-out classes: seen / unseen / hIoU in the table
         out_cfgs["eval"] = _build(EvalOptions, sec, "eval")
     return out_cfgs
 

@@ -193,35 +193,42 @@ def test_step_sampler_shards_and_resumes():
 
 
 # ----------------------------------------------------------------------------- train
-def test_resume_matches_uninterrupted(run_dir, tmp_path):
+def resume_matches_uninterrupted(run_dir: Path, tmp_path: Path, cfg: dict, kill_at: int) -> tuple[dict, dict]:
+    """Train ``cfg`` in ``run_dir``, and in a copy killed after step ``kill_at`` then resumed; check the
+    copy refuses to restart without --resume and that both log.csv files are equal. Returns both last.pt."""
     from clip_es.train.loop import TrainConfig, load_checkpoint, train_segmenter
 
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
-    cfg = dict(steps=6, save_every=2, **SMALL)
     train_segmenter(TrainConfig(run=str(run_dir), **cfg), progress=False)
 
     class Killed(Exception):
         pass
 
-    def kill_at_5(step, loss):
-        if step == 5:
+    def kill(step, loss):
+        if step == kill_at:
             raise Killed
 
     with pytest.raises(Killed):
-        train_segmenter(TrainConfig(run=str(other), **cfg), progress=False, on_step=kill_at_5)
-    assert load_checkpoint(other / "segmenter" / "last.pt")["step"] == 4
+        train_segmenter(TrainConfig(run=str(other), **cfg), progress=False, on_step=kill)
+    saved = kill_at - kill_at % cfg["save_every"]
+    assert load_checkpoint(other / "segmenter" / "last.pt")["step"] == saved
     with pytest.raises(RunDirError, match="--resume"):
         train_segmenter(TrainConfig(run=str(other), **cfg), progress=False)
     res = train_segmenter(TrainConfig(run=str(other), resume=True, **cfg), progress=False)
-    assert res.resumed_from == 4 and res.step == 6
+    assert res.resumed_from == saved and res.step == cfg["steps"]
     log_a = (run_dir / "segmenter" / "log.csv").read_text()
-    log_b = (other / "segmenter" / "log.csv").read_text()
-    assert log_a == log_b and len(log_a.splitlines()) == 7
+    assert log_a == (other / "segmenter" / "log.csv").read_text() and len(log_a.splitlines()) == cfg["steps"] + 1
     a, b = load_checkpoint(run_dir / "segmenter" / "last.pt"), load_checkpoint(other / "segmenter" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # resuming a finished run does nothing
-    assert train_segmenter(TrainConfig(run=str(other), resume=True, **cfg), progress=False).step == 6
+    assert train_segmenter(TrainConfig(run=str(other), resume=True, **cfg), progress=False).step == cfg["steps"]
+    return a, b
+
+
+def test_resume_matches_uninterrupted(run_dir, tmp_path):
+    resume_matches_uninterrupted(run_dir, tmp_path, dict(steps=6, save_every=2, **SMALL), kill_at=5)
 
 
 def test_workers_do_not_change_the_stream(run_dir, tmp_path):

@@ -11,6 +11,9 @@ family         module                                        what it is
 =============  ===========================================  ==============================
 ``fusion``     :mod:`clip_es.train.model`                    timm CNN + neck + a head
                                                              (``plain``, ``fusion``, ...)
+``zegclip``    :mod:`clip_es.train.zegclip`                  frozen CLIP ViT + deep prompts +
+                                                             relationship descriptor + decoder
+``clip``       :mod:`clip_es.train.clipdense`                training-free patch-text cosine
 =============  ===========================================  ==============================
 
 The contract (duck-typed; see :class:`Family` and :class:`SegmenterModule`):
@@ -48,6 +51,8 @@ from clip_es.errors import RegistryError
 #: Family name -> module that defines ``FAMILY``. Adding a family: its module plus one line here.
 FAMILIES: dict[str, str] = {
     "fusion": "clip_es.train.model",
+    "zegclip": "clip_es.train.zegclip",
+    "clip": "clip_es.train.clipdense",
 }
 
 #: The family of checkpoints written before the arch record named one.

@@ -68,7 +68,8 @@ class TrainConfig:
             config.json records the number used) then follows a cosine to 0.
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
-        arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter).
+        arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter),
+            ``zegclip`` (frozen CLIP ViT + prompts + decoder), ``clip`` (training-free).
         head: the CNN segmenter's head (``plain``, ``denseclip``, ``fusion``; see :data:`clip_es.train.model.HEADS`).
         loss: a :data:`clip_es.train.losses.LOSSES` name (``ce``: softmax cross-entropy, ``sigmoid``:
             per-class focal + dice); ``None`` = the family's default.
@@ -78,6 +79,9 @@ class TrainConfig:
             ``self_train_from * steps`` on, ignored pixels the model assigns to an unseen class
             are labelled with it (online self-training).
         self_train_from: fraction of ``steps`` before self-training starts (``transductive``).
+        prompts, relation: ``zegclip``: deep visual prompt tokens per block (0 = none), relationship
+            descriptor on (``False``: class queries from the text alone).
+        dense_path: ``clip``: the last block's ``value`` path (MaskCLIP) or the ``plain`` block.
         backbone, backbone_weights, backbone_pretrained: timm CNN and its initialisation.
         dim, heads, fusion_blocks: segmenter width, attention heads, fusion depth (0 = plain head).
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -107,6 +111,9 @@ class TrainConfig:
     unseen: tuple[str, ...] = ()
     transductive: bool = False
     self_train_from: float = 0.5
+    prompts: int = 10
+    relation: bool = True
+    dense_path: str = "value"
     backbone: str = "resnet18"
     backbone_weights: str | None = None
     backbone_pretrained: bool = False
@@ -164,7 +171,7 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
-                                   "self_train_from": 0.5}
+                                   "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value"}
 
 
 def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
@@ -408,8 +415,11 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     sampler = StepBatchSampler(len(ids), cfg.batch_size, cfg.steps, start, info.rank, info.world, cfg.seed)
     mean255 = tuple(int(round(255 * m)) for m in arch.mean)
     data = CropDataset(ds, ids, labels, cfg.crop_size, cfg.scale_range, cfg.seed, mean255)
+    # its own generator: starting an iterator must not draw from the global RNG, which a resumed run
+    # restores from the checkpoint for the model's own randomness (dropout)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
-                                         pin_memory=device.startswith("cuda"))
+                                         pin_memory=device.startswith("cuda"),
+                                         generator=torch.Generator().manual_seed(cfg.seed))
 
     def save(step: int) -> None:
         ck = {"format": CHECKPOINT_FORMAT, "model": model_state(model),

@@ -80,10 +80,60 @@ def sigmoid_focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, gamma: f
     return torch.where(count > 0, total, total * 0)
 
 
+def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                    focal_weight: float = 100.0, dice_weight: float = 1.0, unsure: str = "ignore",
+                    eps: float = 1.0) -> torch.Tensor:
+    """ZegCLIP's loss: per-class sigmoid focal loss over all classes and pixels + dice over the
+    classes present, ``focal_weight : dice_weight`` (ZegCLIP: 100 : 1).
+
+    * focal: ``alpha_t (1 - p_t)^gamma BCE`` with ``alpha_t = alpha`` on positives and ``1 - alpha``
+      on negatives, mean over the ``N`` channels and the counted pixels;
+    * dice: ``1 - (2 sum p t + eps) / (sum p + sum t + eps)`` per image and channel over the counted
+      pixels, summed over the (image, channel) pairs whose class is present and divided by their number
+      (an absent class enters through the focal term only).
+
+    Args:
+        logits: ``(B, N, H, W)`` (channel 0 background).
+        target: ``(B, H, W)`` int64, 255 = unsure.
+        unsure: ``"ignore"`` (255 pixels count nowhere: the confidence-guided loss) or ``"negative"``
+            (255 pixels are negatives for every channel, background included, as ZegCLIP's code does).
+
+    Returns:
+        Scalar; 0 (zero gradient) when no pixel is counted.
+    """
+    _check(logits, target)
+    if unsure not in ("ignore", "negative"):
+        raise ConfigError(f"unsure pixels are 'ignore' or 'negative', got {unsure!r}")
+    n = logits.shape[1]
+    unsure_px = target == IGNORE
+    counted = (~unsure_px if unsure == "ignore" else torch.ones_like(unsure_px)).unsqueeze(1).to(logits.dtype)
+    onehot = F.one_hot(torch.where(unsure_px, torch.zeros_like(target), target).clamp(max=n - 1), n)
+    onehot = onehot.permute(0, 3, 1, 2).to(logits.dtype) * (~unsure_px).unsqueeze(1)   # (B, N, H, W)
+    prob = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = prob * onehot + (1 - prob) * (1 - onehot)
+    alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
+    count = counted.sum()
+    focal = (alpha_t * (1 - p_t) ** gamma * bce * counted).sum() / (count * n).clamp(min=1)
+    inter = (prob * onehot * counted).sum((2, 3))                                   # (B, N)
+    denom = (prob * counted).sum((2, 3)) + onehot.sum((2, 3))
+    present = (onehot.sum((2, 3)) > 0).to(logits.dtype)
+    dice = ((1 - (2 * inter + eps) / (denom + eps)) * present).sum() / present.sum().clamp(min=1)
+    total = focal_weight * focal + dice_weight * dice
+    return torch.where(count > 0, total, total * 0)
+
+
+def focal_dice_negative_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`focal_dice_loss` with 255 pixels as negatives for every class (ZegCLIP's own handling)."""
+    return focal_dice_loss(logits, target, unsure="negative")
+
+
 #: ``--loss`` name -> loss function ``(logits, target) -> scalar``.
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": ce_loss,
     "sigmoid": sigmoid_focal_dice_loss,
+    "focal_dice": focal_dice_loss,
+    "focal_dice_neg": focal_dice_negative_loss,
 }
 
 

@@ -10,7 +10,10 @@ on the family (:mod:`clip_es.train.families`): the CNN segmenter scores pixels b
 similarity to the projected text, so an unseen class is found to the extent its CLIP text
 embedding lies near trained ones with similar appearance (a synonym or close relative of a
 trained class transfers well; an unrelated concept mostly does not, since a small CNN
-trained on K classes never learnt its appearance). Dropping classes is always safe.
+trained on K classes never learnt its appearance). ``zegclip`` keeps the CLIP's image encoder
+frozen, so its patch features stay aligned with the text space and a class it never trained on
+is found (pipelines/toy/ZEROSHOT.md); ``clip`` needs no training at all. Dropping classes is
+always safe.
 
 Calibration: when the list holds names the segmenter was not trained on (names held out
 with ``clipes train --unseen``, or new ones) next to trained ones, the trained classes'
@@ -40,8 +43,8 @@ from clip_es.rundir import atomic_write_bytes, atomic_write_json, file_sha256
 from clip_es.stage import StageResult, fit_image, resolve_device
 from clip_es.threads import threads_from_config
 from clip_es.train.checkpoint import load_checkpoint, load_model_state
-from clip_es.train.families import BuildContext, family_of, scores_fn
-from clip_es.train.text import lists_to_specs, specs_to_lists, text_for_classes
+from clip_es.train.families import BuildContext, family_of, get_family, scores_fn
+from clip_es.train.text import embed, lists_to_specs, specs_to_lists, text_for_classes
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,37 @@ def load_segmenter(path: str | Path, device: str = "cpu", calibration: float | N
                            str(path), int(ck["step"]), device, trained, calibration)
 
 
+def untrained_segmenter(arch: str, classes: Sequence[ClassSpec] | None, device: str = "cpu",
+                        clip_model: str | None = None, clip_pretrained: str | None = None) -> LoadedSegmenter:
+    """A segmenter of a family that needs no training (e.g. ``clip``), without a checkpoint: the
+    classes are embedded with the given CLIP (default: the bundled one), the default template and
+    ``sentence`` synonym fusion, and the family's default record is built on that CLIP.
+
+    Raises:
+        ConfigError: a family that needs training, or no classes.
+        RegistryError: unknown family.
+    """
+    from clip_es.model.resolve import load_clip
+    from clip_es.model.tiny import TINY_NAME
+    from clip_es.train.loop import TrainConfig
+
+    family = get_family(arch)
+    if family.trainable:
+        raise ConfigError(f"--arch {arch} needs training: run 'clipes train --arch {arch}' and pass its --checkpoint")
+    if not classes:
+        raise ConfigError(f"--arch {arch} without a checkpoint needs --classes or --class-file")
+    clip = load_clip(clip_model or TINY_NAME, clip_pretrained, device)
+    emb = embed(clip, classes, [], "sentence")
+    payload = {"classes": specs_to_lists(classes), "embeddings": emb, "templates": [], "fusion": "sentence",
+               "clip": clip.describe()}
+    record = family.arch_from_config(TrainConfig(run="", arch=arch), int(emb.shape[1]))
+    ctx = BuildContext(text=payload, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained)
+    model = family.build(record, ctx).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedSegmenter(model, emb.to(device), list(classes), payload, "", 0, device)
+
+
 def parse_classes(classes: str | None = None, class_file: str | Path | None = None) -> list[ClassSpec] | None:
     """``--classes "a,b,c"`` (names only) or ``--class-file`` (with synonyms); ``None`` = trained classes."""
     if classes and class_file:
@@ -188,6 +222,7 @@ class SegmentConfig:
 
     Attributes:
         checkpoint: segmenter checkpoint (``RUN/segmenter/model.pt`` or ``last.pt``).
+        arch: instead of a checkpoint, a family that needs no training (``clip``; with ``classes``).
         out: folder for ``<id>.png`` palette predictions (plus ``classes.txt``, ``segment.json``).
         images: a folder of images (alternative to a dataset).
         dataset, root, split: a dataset split to predict on.
@@ -204,8 +239,9 @@ class SegmentConfig:
         threads: CPU threads (``None``: see :func:`clip_es.threads.default_threads`).
     """
 
-    checkpoint: str
-    out: str
+    checkpoint: str | None = None
+    out: str = ""
+    arch: str | None = None
     images: str | None = None
     dataset: str | None = None
     root: str | None = None
@@ -222,6 +258,10 @@ class SegmentConfig:
     threads: int | None = None
 
     def validate(self) -> "SegmentConfig":
+        if (self.checkpoint is None) == (self.arch is None):
+            raise ConfigError("pass either --checkpoint or --arch (a family that needs no training, e.g. clip)")
+        if not self.out:
+            raise ConfigError("--out is required")
         if (self.images is None) == (self.dataset is None):
             raise ConfigError("pass either --images DIR or --dataset/--root/--split")
         if self.dataset is not None and not self.root:
@@ -278,15 +318,20 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
     is refused so predictions never mix.
     """
     cfg = cfg.validate()
-    seg = load_segmenter(cfg.checkpoint, resolve_device(cfg.device), cfg.calibration, cfg.clip_model,
-                         cfg.clip_pretrained)
-    seg = seg.with_classes(parse_classes(cfg.classes, cfg.class_file), cfg.clip_model, cfg.clip_pretrained)
+    classes = parse_classes(cfg.classes, cfg.class_file)
+    if cfg.checkpoint is None:
+        seg = untrained_segmenter(str(cfg.arch), classes, resolve_device(cfg.device), cfg.clip_model,
+                                  cfg.clip_pretrained)
+        made_by = {"arch": cfg.arch, "clip": seg.payload["clip"], "sha256": seg.payload["clip"].get("sha256")}
+    else:
+        seg = load_segmenter(cfg.checkpoint, resolve_device(cfg.device), cfg.calibration, cfg.clip_model,
+                             cfg.clip_pretrained).with_classes(classes, cfg.clip_model, cfg.clip_pretrained)
+        made_by = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint)}
     if len(seg.classes) > 254:
         raise ConfigError(f"{len(seg.classes)} classes do not fit a uint8 label map (max 254)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint),
-              "classes": specs_to_lists(seg.classes)}
+    record = {**made_by, "classes": specs_to_lists(seg.classes)}
     if seg.offset:
         record["calibration"] = seg.offset
     meta = out / "segment.json"
