@@ -10,7 +10,7 @@ family's module asks which family it holds.
 family         module                                        what it is
 =============  ===========================================  ==============================
 ``fusion``     :mod:`clip_es.train.model`                    timm CNN + neck + a head
-                                                             (``plain``, ``fusion``, ...)
+                                                             (``plain``, ``denseclip``, ``fusion``)
 ``zegclip``    :mod:`clip_es.train.zegclip`                  frozen CLIP ViT + deep prompts +
                                                              relationship descriptor + decoder
 ``clip``       :mod:`clip_es.train.clipdense`                training-free patch-text cosine
