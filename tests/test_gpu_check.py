@@ -29,7 +29,6 @@ def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=_env(tmp_path),
                          timeout=900)

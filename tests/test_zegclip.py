@@ -202,7 +202,6 @@ def test_ablation_options_are_recorded(run_dir):  # noqa: F811
     assert not any(k.startswith("prompts.") for k in ck["model"])
 
 
-@pytest.mark.slow
 def test_zegclip_torchrun_two_processes(base_run, tmp_path):  # noqa: F811
     """DDP (2 CPU processes) runs zegclip like one process over the same samples: every trainable parameter
     is used (no unused-parameter error) and rank 0 writes one checkpoint."""
