@@ -12,15 +12,7 @@ import torch
 from clip_es.errors import ConfigError, DatasetError, RegistryError
 from clip_es.scoring import seen_unseen
 from clip_es.train.families import FAMILIES, family_of, get_family
-from tests.test_segmenter import SMALL, base_run, run_dir  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_segmenter import SMALL, _one_thread, base_run, run_dir  # noqa: F401  (fixtures)
 
 
 def test_registry_lists_valid_names():
@@ -115,28 +107,35 @@ def test_seen_unseen_arithmetic():
         seen_unseen({"background": 1.0, "a": 0.0}, ["zz"])
 
 
-def test_inductive_unseen_names_never_reach_the_model(run_dir, monkeypatch):  # noqa: F811
-    """Every training forward gets only the seen classes' text; the checkpoint records --unseen."""
-    from clip_es.train import model as model_mod
+def train_and_spy_text(monkeypatch, module_cls, run_dir, **cfg) -> dict:
+    """Train 2 steps with ``--unseen ring,fish`` while recording every forward's class text; assert that
+    each forward got the 6 seen classes and none of the held-out rows; return the checkpoint."""
     from clip_es.train.loop import TrainConfig, train_segmenter
 
-    payload_rows = []
-    real = model_mod.Segmenter.forward
+    rows = []
+    real = module_cls.forward
 
     def spy(self, x, text, return_extras=False):
-        payload_rows.append(text.detach().clone())
+        rows.append(text.detach().clone())
         return real(self, x, text, return_extras)
 
-    monkeypatch.setattr(model_mod.Segmenter, "forward", spy)
-    train_segmenter(TrainConfig(run=str(run_dir), steps=2, unseen=("ring", "fish"), **SMALL), progress=False)
+    monkeypatch.setattr(module_cls, "forward", spy)
+    train_segmenter(TrainConfig(run=str(run_dir), steps=2, unseen=("ring", "fish"), **cfg), progress=False)
     ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
     emb, names = ck["text"]["embeddings"], [c[0] for c in ck["text"]["classes"]]
-    unseen_rows = emb[[names.index("ring"), names.index("fish")]]
-    assert len(payload_rows) == 2
-    for t in payload_rows:
-        assert t.shape[0] == 6
-        assert not any(torch.allclose(t[i], u) for i in range(6) for u in unseen_rows)
+    held = emb[[names.index("ring"), names.index("fish")]]
+    assert len(rows) == 2
+    for t in rows:
+        assert t.shape[0] == 6 and not any(torch.allclose(t[i], u) for i in range(6) for u in held)
     assert ck["config"]["train"]["unseen"] == ["ring", "fish"]
+    return ck
+
+
+def test_inductive_unseen_names_never_reach_the_model(run_dir, monkeypatch):  # noqa: F811
+    """Every training forward gets only the seen classes' text; the checkpoint records --unseen."""
+    from clip_es.train.model import Segmenter
+
+    train_and_spy_text(monkeypatch, Segmenter, run_dir, **SMALL)
 
 
 def test_unseen_protocol_end_to_end(run_dir, tmp_path):  # noqa: F811

@@ -135,24 +135,10 @@ def test_focal_dice_on_synthetic_maps():
 
 # ----------------------------------------------------------------------------- training protocol
 def test_unseen_names_never_reach_a_zegclip_forward(run_dir, monkeypatch):  # noqa: F811
-    from clip_es.train.loop import TrainConfig, train_segmenter
+    from tests.test_families import train_and_spy_text
 
-    rows = []
-    real = ZegClipSegmenter.forward
-
-    def spy(self, x, text, return_extras=False):
-        rows.append(text.detach().clone())
-        return real(self, x, text, return_extras)
-
-    monkeypatch.setattr(ZegClipSegmenter, "forward", spy)
-    train_segmenter(TrainConfig(run=str(run_dir), steps=2, unseen=("ring", "fish"), **ZEG), progress=False)
-    ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
-    emb, names = ck["text"]["embeddings"], [c[0] for c in ck["text"]["classes"]]
-    held = emb[[names.index("ring"), names.index("fish")]]
-    assert len(rows) == 2
-    for t in rows:
-        assert t.shape[0] == 6 and not any(torch.allclose(t[i], u) for i in range(6) for u in held)
-    assert ck["config"]["train"]["unseen"] == ["ring", "fish"] and ck["config"]["arch"]["family"] == "zegclip"
+    ck = train_and_spy_text(monkeypatch, ZegClipSegmenter, run_dir, **ZEG)
+    assert ck["config"]["arch"]["family"] == "zegclip"
     assert ck["config"]["train"]["loss"] == "focal_dice"
 
 
