@@ -185,6 +185,9 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
     rd = RunDir(run)
     if not rd.manifest_path.is_file():
         raise RunDirError(f"{run}: no manifest.json; is this a clipes run folder?")
+    if options.unseen:  # refused before any stage is evaluated
+        names = [c.name for c in dataset_of_run(rd).classes]
+        seen_unseen(dict.fromkeys(["background", *names]), options.unseen)
     evaluators = run_evaluators(rd)
     wanted = options.stages or tuple(evaluators)
     unknown = [s for s in wanted if s not in evaluators]

@@ -183,3 +183,24 @@ def test_older_runs_keep_their_train_hash():
     assert p["loss"] == "ce"
     assert stage_params(TrainConfig(run="r", unseen=("a",)))["unseen"] == ["a"]
 
+
+
+def test_eval_refuses_an_unknown_unseen_name_before_evaluating(run_dir, monkeypatch):  # noqa: F811
+    from clip_es import evaluate
+
+    def boom(*a, **k):
+        raise AssertionError("a stage was evaluated")
+
+    monkeypatch.setattr(evaluate, "score_predictions", boom)
+    with pytest.raises(DatasetError, match="--unseen rng: not a class; valid: ball"):
+        evaluate.evaluate_run(run_dir, evaluate.EvalOptions(unseen=("rng",)), progress=False)
+
+
+def test_bad_unseen_name_leaves_no_stage_behind(run_dir):  # noqa: F811
+    """A refused --unseen records nothing, so the corrected command runs."""
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    with pytest.raises(ConfigError, match="--unseen rng"):
+        train_segmenter(TrainConfig(run=str(run_dir), steps=1, unseen=("rng",), **SMALL), progress=False)
+    assert "segmenter" not in json.loads((run_dir / "manifest.json").read_text())["stages"]
+    train_segmenter(TrainConfig(run=str(run_dir), steps=1, unseen=("ring",), **SMALL), progress=False)

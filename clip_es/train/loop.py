@@ -45,7 +45,7 @@ from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # 
 from clip_es.train.families import BuildContext, get_family
 from clip_es.train.losses import IGNORE, ce_loss, get_loss
 from clip_es.train.model import count_parameters
-from clip_es.train.text import cached_text
+from clip_es.train.text import cached_text, run_text_setup
 from clip_es.threads import threads_from_config
 
 log = logging.getLogger(__name__)
@@ -327,13 +327,16 @@ def train_segmenter(cfg: TrainConfig, progress: bool = True,
 
 
 def _prepare(cfg: TrainConfig, run: RunDir, out: Path) -> dict[str, Any]:
-    """Rank-0 preparation: check the checkpoint situation, register the stage, cache the text."""
+    """Rank-0 preparation: check the checkpoint situation and the options, register the stage, cache the text."""
     if not run.manifest_path.is_file():
         raise RunDirError(f"{run.path}: no manifest.json; run 'clipes cam' (and 'clipes refine') into it first")
     ckpt = out / LAST
     if ckpt.is_file() and not cfg.resume:
         raise RunDirError(f"{ckpt} exists; pass --resume to continue it, or delete {out} (and its manifest "
                           f"entry) / use another --name to train afresh")
+    # options that name classes or label folders are checked before the stage is recorded
+    class_split([str(c[0]) for c in run_text_setup(run)["classes"]], cfg.unseen)
+    LabelSource(run, cfg.labels)
     run.begin_stage(cfg.name, stage_params(cfg))
     return cached_text(run, out, cfg.clip_model, cfg.clip_pretrained)
 
