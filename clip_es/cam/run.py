@@ -312,8 +312,7 @@ class CamEngine:
 
     def preparer(self) -> "_Preparer":
         """The decode-side work (working size, resize), picklable for loader workers."""
-        c = self.clip
-        return _Preparer(self.cfg.max_side, tuple(self._views()), c.patch_size, tuple(c.mean), tuple(c.std))
+        return _Preparer(self.cfg.max_side, tuple(self._views()), self.clip.patch_size)
 
     def prepare(self, image: np.ndarray, image_id: str = "", keys=(), size: tuple[int, int] | None = None
                 ) -> Prepared:
@@ -496,8 +495,6 @@ class _Preparer:
     max_side: int | None
     views: tuple[tuple[float, bool], ...]
     patch: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def __call__(self, image: np.ndarray, image_id: str = "", keys=(), size: tuple[int, int] | None = None
                  ) -> Prepared:

@@ -112,9 +112,9 @@ def export_weights(checkpoint: str | Path, out: str | Path, dtype: str = "float3
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict a checkpoint stores: everything but the keys under the module's
     ``frozen_prefixes`` (frozen weights the family restores from elsewhere, e.g. a CLIP named
-    and hashed in the checkpoint's text record), as CPU tensors."""
+    and hashed in the checkpoint's text record); :func:`save_checkpoint` moves it to the CPU."""
     frozen = tuple(getattr(model, "frozen_prefixes", ()))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))}
+    return {k: v for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))}
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:

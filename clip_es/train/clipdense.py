@@ -29,7 +29,8 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import dense_forward, final_tokens
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule, record_to_dict
+from clip_es.train.families import record_to_dict
+from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "clip"
 #: Last-block variants: ``value`` (MaskCLIP's value path) or ``plain`` (the CLIP's own last block).

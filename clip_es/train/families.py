@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
-from clip_es.errors import RegistryError
+from clip_es.errors import ConfigError, RegistryError
 
 #: Family name -> module that defines ``FAMILY``. Adding a family: its module plus one line here.
 FAMILIES: dict[str, str] = {
@@ -135,6 +135,29 @@ def get_family(name: str) -> Family:
 def family_of(arch: dict[str, Any]) -> Family:
     """The family of an architecture record read from a checkpoint (older records: ``fusion``)."""
     return get_family(str(arch.get("family", DEFAULT_FAMILY)))
+
+
+def record_to_dict(family: str, arch: Any) -> dict[str, Any]:
+    """A frozen-dataclass arch record as the JSON-able dict checkpoints store: its fields (tuples
+    as lists) and the ``family`` that reads it back."""
+    d = {"family": family, **asdict(arch)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def record_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """The record ``cls`` from a checkpoint dict: keys it does not know dropped, lists back to tuples."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def check_text(text: Any, dim: int) -> None:
+    """Refuse class text that is not ``(K, dim)`` (embedded with another CLIP, or not a matrix).
+
+    Raises:
+        ConfigError: with the shape found and the fix.
+    """
+    if text.ndim != 2 or text.shape[1] != dim:
+        raise ConfigError(f"class text must be (K, {dim}) CLIP embeddings, got {tuple(text.shape)}; embed the "
+                          "classes with the CLIP the model was trained with")
 
 
 def scores_fn(kind: str) -> Callable[[Any], Any]:

@@ -8,7 +8,6 @@ The CLIP's weights are never part of such a module's checkpoint (``frozen_prefix
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -16,19 +15,9 @@ from torch import nn
 
 from clip_es.errors import ConfigError
 from clip_es.model.dense import patch_size_of
+from clip_es.train.families import check_text, record_from_dict
 
 log = logging.getLogger(__name__)
-
-
-def record_to_dict(family: str, arch: Any) -> dict[str, Any]:
-    """A frozen-dataclass arch record as a JSON-able dict naming its ``family`` (tuples as lists)."""
-    d = {"family": family, **asdict(arch)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def record_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """The record ``cls`` from a checkpoint dict: keys it does not know dropped, lists back to tuples."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 class FrozenClipModule(nn.Module):
@@ -66,9 +55,7 @@ class FrozenClipModule(nn.Module):
                           "size through interpolated position embeddings); use clipes segment")
 
     def check_text(self, text: torch.Tensor) -> None:
-        if text.ndim != 2 or text.shape[1] != self.arch.text_dim:
-            raise ConfigError(f"class text must be (K, {self.arch.text_dim}) CLIP embeddings, got "
-                              f"{tuple(text.shape)}; embed the classes with the CLIP the model was built on")
+        check_text(text, self.arch.text_dim)
 
 
 class FrozenClipFamily:

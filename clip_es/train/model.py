@@ -36,7 +36,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from torch import nn
 
 from clip_es.errors import ConfigError, RegistryError, WeightsError, first_line
 from clip_es.train.denseclip import DenseClipHead
+from clip_es.train.families import check_text, record_from_dict, record_to_dict
 from clip_es.train.heads import Attention, Head
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,17 @@ class SegmenterArch:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"family": FAMILY_NAME, **asdict(self)}
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        return record_to_dict(FAMILY_NAME, self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SegmenterArch":
         """Read a record; one written before heads existed gets ``plain`` (0 fusion blocks) or ``fusion``."""
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known = dict(d)
         known.setdefault("head", "fusion" if int(d.get("fusion_blocks", 2)) > 0 else "plain")
         for k in ("mean", "std"):
             if k in known:
                 known[k] = tuple(float(v) for v in known[k])
-        return cls(**known)
+        return record_from_dict(cls, known)
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -352,9 +351,7 @@ class Segmenter(nn.Module):
 
     def class_tokens(self, text: torch.Tensor, batch: int) -> torch.Tensor:
         """``(K, D)`` class text -> ``(B, K+1, D)`` raw tokens, the learned background first."""
-        if text.ndim != 2 or text.shape[1] != self.arch.text_dim:
-            raise ConfigError(f"class text must be (K, {self.arch.text_dim}) CLIP embeddings, got "
-                              f"{tuple(text.shape)}; embed the classes with the CLIP the model was trained with")
+        check_text(text, self.arch.text_dim)
         tok = torch.cat([F.normalize(self.bg_token, dim=0)[None], text.to(self.bg_token.dtype)], 0)
         return tok[None].expand(batch, -1, -1)
 

@@ -113,9 +113,7 @@ def load_segmenter(path: str | Path, device: str = "cpu", calibration: float | N
     ctx = BuildContext(text=payload, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained)
     model = family.build(family.arch_from_dict(record), ctx)
     load_model_state(model, family.upgrade_state(record, ck["model"]), path)
-    model.eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _for_inference(model, device)
     unseen = set((ck["config"].get("train") or {}).get("unseen") or ())
     trained = tuple(str(c[0]) for c in payload["classes"] if str(c[0]) not in unseen)
     return LoadedSegmenter(model, payload["embeddings"].to(device), lists_to_specs(payload["classes"]), payload,
@@ -147,10 +145,16 @@ def untrained_segmenter(arch: str, classes: Sequence[ClassSpec] | None, device: 
                "clip": clip.describe()}
     record = family.arch_from_config(TrainConfig(run="", arch=arch), int(emb.shape[1]))
     ctx = BuildContext(text=payload, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained)
-    model = family.build(record, ctx).eval().to(device)
+    model = _for_inference(family.build(record, ctx), device)
+    return LoadedSegmenter(model, emb.to(device), list(classes), payload, "", 0, device)
+
+
+def _for_inference(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` in eval mode on ``device`` with every parameter frozen (returned for chaining)."""
+    model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedSegmenter(model, emb.to(device), list(classes), payload, "", 0, device)
+    return model
 
 
 def parse_classes(classes: str | None = None, class_file: str | Path | None = None) -> list[ClassSpec] | None:

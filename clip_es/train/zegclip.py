@@ -41,7 +41,8 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import block_forward, embed
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule, record_to_dict
+from clip_es.train.families import record_to_dict
+from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "zegclip"
 #: Most decoder heads (ZegCLIP uses 8); fewer when 8 does not divide the CLIP embedding width.
