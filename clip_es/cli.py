@@ -208,7 +208,7 @@ def cam(dataset: str = DatasetOpt, root: Path = RootOpt, split: str = SplitOpt,
                                       "stay fp32/fp64."),
         batch_size: int = typer.Option(1, "--batch-size", help="Images per forward (grouped by working size): "
                                        "frozen blocks, last block, GradCAM and CAA; fp32 maps equal batch 1's "
-                                       "within 1e-6."),
+                                       "to rounding (within 2e-6)."),
         workers: str = typer.Option("auto", "--workers", "-j", help="Data-loader processes decoding and resizing "
                                     "images ahead: a number (0: in this process) or auto (0 on a CPU, up to 8 on "
                                     "CUDA)."),

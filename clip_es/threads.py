@@ -121,6 +121,28 @@ def use_threads(threads: int | None) -> Iterator[int]:
             cv2.setNumThreads(prev_cv2)
 
 
+def start_forked_workers(loader) -> Iterator:
+    """``iter(loader)`` for a forked ``DataLoader``, its workers starting with one OpenCV thread.
+
+    A forked worker inherits the parent's ``cv2.setNumThreads(n)``, so ``w`` workers would run
+    ``w * n`` OpenCV threads (torch's own count the DataLoader already sets to 1 in workers);
+    calling ``cv2.setNumThreads`` inside a forked child can hang once the parent has used
+    OpenCV's pool (it waits on the parent's lock). So the parent holds one OpenCV thread while
+    the workers fork (they fork when the iterator is created) and gets its own count back
+    right after.
+    """
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - cv2 is a dependency
+        return iter(loader)
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(loader)
+    finally:
+        cv2.setNumThreads(prev)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

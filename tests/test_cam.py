@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clip_es.cam.caa import balance_affinity, box_mask, caa_refine
-from clip_es.cam.gradcam import minmax, softmax_gradcam
+from clip_es.cam.gradcam import analytic_supported, minmax, softmax_gradcam, softmax_gradcam_batch
 from clip_es.cam.run import CamConfig, generate_cams
 from clip_es.cam.store import load_cam
 from clip_es.errors import ConfigError, RunDirError
@@ -41,6 +41,57 @@ def test_batched_equals_looped(tiny_clip):
         assert float((a.cam - b.cam).abs().max()) <= 1e-4
         assert float(a.cam.min()) >= 0 and float(a.cam.max()) <= 1
     assert not torch.isnan(a.cam).any()
+
+
+def _mixed_batch(visual, seed=0, dim=64):
+    """Three images of one grid with 3, 1 and 0 targets and softmax sets of 7, 1 and 4 rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, 64, 96, generator=g)
+    with torch.no_grad():
+        d = dense_forward(visual, x)
+    texts = [torch.nn.functional.normalize(torch.randn(m, dim, generator=g), dim=-1) for m in (7, 1, 4)]
+    return d, texts, [3, 1, 0]
+
+
+def _vit(**kw):
+    import open_clip.transformer as oc
+
+    torch.manual_seed(0)
+    return oc.VisionTransformer(image_size=32, patch_size=16, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                                output_dim=48, **kw).eval()
+
+
+@pytest.mark.parametrize("which", ["tiny", "gelu"])
+def test_analytic_gradients_equal_autograd(tiny_clip, which):
+    """The closed-form token-summed gradients (mode auto = analytic) give autograd's maps, logits and
+    attention for a batch mixing target counts and softmax-set sizes, with and without the softmax;
+    on the bundled tiny CLIP (QuickGELU) and an open_clip ViT with nn.GELU."""
+    visual = tiny_clip.visual if which == "tiny" else _vit()
+    assert analytic_supported(visual)
+    d, texts, nt = _mixed_batch(visual, dim=visual.proj.shape[1])
+    for soft in (True, False):
+        fast = softmax_gradcam_batch(visual, d.penultimate, d.grid, texts, nt, 50.0, use_softmax=soft)
+        ref = softmax_gradcam_batch(visual, d.penultimate, d.grid, texts, nt, 50.0, use_softmax=soft, mode="batched")
+        assert fast.cam.shape == ref.cam.shape == (3, 3, *d.grid)
+        assert float((fast.cam - ref.cam).abs().max()) <= 1e-5
+        assert float(fast.cam[0].amax()) == 1.0 and float(fast.cam[1, 0].amax()) == 1.0  # real maps compared
+        assert torch.equal(fast.cam[1, 1:], torch.zeros_like(fast.cam[1, 1:])) and not fast.cam[2].any()
+        assert float((fast.attn_last - ref.attn_last).abs().max()) <= 1e-6
+        assert torch.allclose(fast.logits, ref.logits, atol=1e-5)  # -inf padding at the same places
+
+
+def test_analytic_refuses_blocks_it_does_not_cover(tiny_clip):
+    """LayerScale or CLS pooling: ``auto`` falls back to autograd, an explicit analytic request is refused."""
+    scaled = _vit(ls_init_value=0.5)
+    assert not analytic_supported(scaled) and not analytic_supported(tiny_clip.visual, "cls")
+    d, texts, nt = _mixed_batch(scaled, dim=48)
+    auto = softmax_gradcam_batch(scaled, d.penultimate, d.grid, texts, nt, 50.0)
+    ref = softmax_gradcam_batch(scaled, d.penultimate, d.grid, texts, nt, 50.0, mode="batched")
+    assert torch.equal(auto.cam, ref.cam)
+    with pytest.raises(ValueError, match="analytic"):
+        softmax_gradcam_batch(scaled, d.penultimate, d.grid, texts, nt, 50.0, mode="analytic")
+    with pytest.raises(ValueError, match="unknown mode"):
+        softmax_gradcam_batch(scaled, d.penultimate, d.grid, texts, nt, 50.0, mode="fast")
 
 
 def test_gradcam_does_not_modify_inputs(tiny_clip):

@@ -274,6 +274,27 @@ def test_coco_labels_gt_and_ids(tmp_path: Path) -> None:
     assert ds.image_path(i5).name == "COCO_val2014_000000000005.jpg"
 
 
+def test_coco_worker_view_is_slim_and_reads_the_same(tmp_path: Path) -> None:
+    """Spawned cam loader workers get the file names and labels of their ids, not the json index."""
+    import pickle
+
+    from clip_es.data.base import worker_view
+
+    ds = open_dataset("coco", _coco(tmp_path), "val2014")
+    ids = ds.ids()[:2]
+    view = worker_view(ds, ids)
+    assert type(view).__name__ == "COCOImages"
+    back = pickle.loads(pickle.dumps(view))
+    for i in ids:
+        assert back.labels(i) == ds.labels(i) and back.image_path(i) == ds.image_path(i)
+        np.testing.assert_array_equal(back.load_image(i), ds.load_image(i))
+    with pytest.raises(DatasetError, match="not in"):
+        back.labels(ds.ids()[2])  # not one of its ids
+    assert len(pickle.dumps(view)) < len(pickle.dumps(ds)) / 3  # the index (annotations, polygons) stays home
+    voc_like = object()  # a reader without worker_view is sent as it is
+    assert worker_view(voc_like, ids) is voc_like
+
+
 def test_coco_images_subfolder_and_errors(tmp_path: Path) -> None:
     root = _coco(tmp_path, images_sub=True)
     ds = open_dataset("coco", root, "val2014")

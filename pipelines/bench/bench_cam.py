@@ -8,6 +8,9 @@ Prints, each measured in this one run (medians over repeats):
      "shared-forward loop" (one forward of the last block, one backward per class) and
      "full loop" (what a per-class GradCAM call does: the whole forward and a backward
      for every class);
+  1b. the last block alone (its forward and the targets' gradients, the frozen blocks run
+     once before): the closed-form ``analytic`` gradients (the default) vs autograd's
+     ``batched`` backward, ratio and maximum absolute difference of the maps (<= 1e-5);
   2. the whole cam stage for one image (GradCAM + CAA) vs a plain no-grad forward of the
      same image (the floor);
   3. peak resident memory of the cam stage at 512x512 (measured in a fresh subprocess).
@@ -58,7 +61,7 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(out)
 
 
-def cam_stage(visual, x, text, k, scale, mode="batched"):
+def cam_stage(visual, x, text, k, scale, mode="auto"):
     with torch.no_grad():
         d = dense.dense_forward(visual, x, attn_blocks=8)
     g = softmax_gradcam(visual, d.penultimate, d.grid, text, k, scale, mode=mode)
@@ -126,6 +129,18 @@ def main() -> None:
     print(f"[1] GradCAM batched {t_batched:.3f}s | shared-forward loop {t_loop:.3f}s "
           f"(ratio {t_loop / t_batched:.2f}x) | full per-class loop {t_full:.3f}s (ratio {t_full / t_batched:.2f}x)"
           f" | max |diff| {diff:.2e}  (targets: >= 1.5x, <= 1e-4)")
+
+    with torch.no_grad():
+        d = dense.dense_forward(visual, x, attn_blocks=0)
+
+    def last_block(mode):
+        return softmax_gradcam(visual, d.penultimate, d.grid, text, k, scale, mode=mode).cam
+
+    diff_a = float((last_block("analytic") - last_block("batched")).abs().max())
+    t_an = timed(lambda: last_block("analytic"), args.repeats, sync)
+    t_bt = timed(lambda: last_block("batched"), args.repeats, sync)
+    print(f"[1b] last block + gradients: analytic {t_an:.3f}s | autograd batched {t_bt:.3f}s "
+          f"(ratio {t_bt / t_an:.2f}x) | max |diff| {diff_a:.2e}  (target: <= 1e-5)")
 
     def plain():
         with torch.no_grad():

@@ -40,25 +40,35 @@ OLD_REF = "0b36d86"
 def time_clip(clip, run_mod, gradcam_mod) -> list[float]:
     """Wrap the CLIP forward/backward the stage calls with timers; returns the running total (s).
 
-    Timed: the frozen blocks (``cam.run.dense_forward``), the last block's attention, LayerNorms
-    and MLP (as ``cam.gradcam`` calls them) and the backward (``torch.autograd.grad``). The
-    old and new trees call all of these by these names, nothing else is timed twice.
+    Timed: the frozen blocks (``cam.run.dense_forward``); the last block's attention, LayerNorms
+    and MLP, the pooled embedding (``pool_tokens``) and the backward (``torch.autograd.grad``)
+    as the autograd GradCAM calls them; or, where the tree has it, the closed-form path
+    (``cam.gradcam._analytic_weights``: the same last-block forward, pooling and logits, and the
+    gradients without autograd) as a whole. Only the outermost timed call counts, so nothing is
+    timed twice. Everything else (decode, resize, normalisation, the GradCAM combination and
+    min-max, CAA, record writes, glue) is the host-side overhead.
     """
     import torch
 
     total = [0.0]
+    depth = [0]
 
     def timed(fn):
         def wrapper(*a, **k):
+            depth[0] += 1
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                total[0] += time.perf_counter() - t
+                depth[0] -= 1
+                if depth[0] == 0:
+                    total[0] += time.perf_counter() - t
         return wrapper
 
     run_mod.dense_forward = timed(run_mod.dense_forward)
-    gradcam_mod.attention = timed(gradcam_mod.attention)
+    for name in ("attention", "pool_tokens", "_analytic_weights"):
+        if hasattr(gradcam_mod, name):
+            setattr(gradcam_mod, name, timed(getattr(gradcam_mod, name)))
     torch.autograd.grad = timed(torch.autograd.grad)
     blk = clip.visual.transformer.resblocks[-1]
     for m in (blk.ln_1, blk.ln_2, blk.mlp):
