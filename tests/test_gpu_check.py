@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "bench" / "gpu_check.sh"
 STEPS = ("tests", "toy", "cam", "refine", "train", "segment", "label", "torchrun-cam", "torchrun-refine",
-         "torchrun-train", "bench-cam", "bench-refine")
+         "torchrun-train", "bench-cam", "bench-refine", "bench-grads")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -44,6 +44,9 @@ def test_dry_run_runs_every_step(tmp_path: Path) -> None:
     assert re.search(r"\n\s+fp32\s+1\s+0\s+[\d.]+\s+1\.00x", text)
     assert re.search(r"crf  cpu:\s+[\d.]+ img/s", text) and re.search(r"pamr cpu:\s+[\d.]+ img/s", text)
     assert re.search(r"ratio pamr/crf: [\d.]+x", text)
+    m = re.search(r"\[1b\] last block \+ gradients: analytic [\d.]+s \| autograd batched [\d.]+s "
+                  r"\(ratio [\d.]+x\) \| max \|diff\| ([\d.e+-]+)", text)
+    assert m and float(m.group(1)) <= 1e-5  # the closed form equals autograd on ViT-B/16's block
     work = tmp_path / "work"
     assert (work / "run" / "segmenter" / "model.pt").is_file()
     assert len(list((work / "run-ddp" / "refine" / "masks").glob("*.png"))) == \

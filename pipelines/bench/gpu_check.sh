@@ -21,6 +21,9 @@
 #                workers 0/8: images/s, peak GPU memory, GPU busy %, share of the bf16 matmul roofline
 #                (--dry-run: clipes-tiny, one image, fp32, batch 1, workers 0)
 #   bench-refine bench_refine_methods.py at VOC size: PAMR on $DEV vs dense CRF on one CPU core
+#   bench-grads  bench_cam.py: ViT-B/16's last block, closed-form gradients vs autograd's backward on $DEV
+#                (ratio and max difference of the maps), GradCAM loops, fp16/bf16 stage rates
+#                (--dry-run: a 48x64 image, one repeat)
 # The benchmark tables are printed in full. The last line is "gpu_check: N steps, F failed".
 #
 # Environment: PYTHON (default python3), WORK (a scratch folder; default a new temp folder),
@@ -30,7 +33,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $arg (valid: --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -44,11 +47,13 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu; N=6; STEPS=2; TESTS=(tests/test_pamr.py -k cpu)
   BENCH_CAM=(--device cpu --model clipes-tiny --n 1 --precisions fp32 --batches 1 --workers 0 --busy --roofline)
   BENCH_REFINE=(--device cpu --n 3 --size voc); THREADS=(--threads 1)
+  BENCH_GRADS=(--device cpu --threads 1 --size 48x64 --repeats 1 --no-peak)
   NGPU=0
 else
   DEV=cuda; N=96; STEPS=30; TESTS=(tests -k cuda)
   BENCH_CAM=(--device cuda --n 256 --precisions bf16,fp32 --batches 1,16,32 --workers 0,8 --busy --roofline)
   BENCH_REFINE=(--device cuda --n 50 --size voc); THREADS=()
+  BENCH_GRADS=(--device cuda --repeats 5)
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ "$NGPU" -lt 1 ]; then
     echo "gpu_check.sh: no CUDA device visible to $PY (torch.cuda.device_count() = $NGPU); use --dry-run on a CPU machine" >&2
@@ -109,5 +114,6 @@ step torchrun-train 0 env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --sta
   --device "$TRAIN_DEV"
 step bench-cam 1 "$PY" pipelines/bench/bench_cam_stage.py "${BENCH_CAM[@]}"
 step bench-refine 1 "$PY" pipelines/bench/bench_refine_methods.py --run "$WORK/run" "${BENCH_REFINE[@]}"
+step bench-grads 1 "$PY" pipelines/bench/bench_cam.py "${BENCH_GRADS[@]}"
 echo "gpu_check: $TOTAL steps, $FAILED failed"
 [ "$FAILED" = 0 ]
