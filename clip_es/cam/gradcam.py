@@ -16,8 +16,8 @@ computes exactly that in closed form, for every target at once, without autograd
   for all targets together; the ``N x N`` softmax gradient is never formed.
 
 On ViT-B/16 at VOC size this is 1.9x faster than the autograd backward with three
-targets (``pipelines/bench/bench_cam.py``), and its maps equal autograd's to rounding
-(1e-6, ``tests/test_cam.py``). ``mode="batched"`` is the autograd reference: ONE batched
+targets (``pipelines/bench/bench_cam.py``: maps within 7e-7 of autograd's), and its maps
+equal autograd's to rounding (``tests/test_cam.py`` asserts 1e-5). ``mode="batched"`` is the autograd reference: ONE batched
 backward (``torch.autograd.grad(..., is_grads_batched=True)``: a vmap over the per-target
 cotangents), used for other blocks (LayerScale, CLS pooling, another MLP) and under a
 reduced-precision last block; ``mode="loop"`` runs one backward per target (for tests).
@@ -26,17 +26,17 @@ reduced-precision last block; ``mode="loop"`` runs one backward per target (for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_es.model.dense import Pooling, attention, block_forward, pool_tokens
+from clip_es.model.dense import Pooling, attention, block_forward, explicit_attention, pool_tokens, split_heads
 
 Mode = Literal["auto", "analytic", "batched", "loop"]
-MODES = ("auto", "analytic", "batched", "loop")
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass
@@ -138,10 +138,11 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
     soft = [use_softmax and t.shape[0] > 1 for t in texts]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    closed_form = autocast_dtype is None and analytic_supported(visual, pooling)
     if mode == "auto":
-        mode = "analytic" if autocast_dtype is None and analytic_supported(visual, pooling) else "batched"
+        mode = "analytic" if closed_form else "batched"
     if mode == "analytic":
-        if autocast_dtype is not None or not analytic_supported(visual, pooling):
+        if not closed_form:
             raise ValueError("mode='analytic' needs an open_clip ViT block (no LayerScale, c_fc/gelu/c_proj MLP), "
                              "mean pooling and an fp32 last block; use mode='batched'")
         with torch.autocast(x.device.type, enabled=False):  # fp32 also inside a caller's autocast region
@@ -162,8 +163,16 @@ def _logits(visual: nn.Module, out: torch.Tensor, texts: list[torch.Tensor], log
     another kernel (and rounding) than a one-row one, so this keeps every image's maps what it
     gets alone; the other ops are row-wise or batched matmuls."""
     m = max(t.shape[0] for t in texts)
-    return torch.cat([F.pad(logit_scale * F.normalize(pool_tokens(visual, out[i:i + 1], pooling), dim=-1) @ t.t(),
-                            (0, m - t.shape[0]), value=float("-inf")) for i, t in enumerate(texts)])
+    return torch.cat([_image_logits(pool_tokens(visual, out[i:i + 1], pooling), t, logit_scale, m)[1]
+                      for i, t in enumerate(texts)])
+
+
+def _image_logits(pooled: torch.Tensor, text: torch.Tensor, logit_scale: float, m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's normalised embedding ``(1, D)`` and its ``(1, m)`` logits against ``text``
+    ``(M_i, D)``, padded with ``-inf`` to ``m``."""
+    f = F.normalize(pooled, dim=-1)
+    return f, F.pad(logit_scale * f @ text.t(), (0, m - text.shape[0]), value=float("-inf"))
 
 
 def _autograd_weights(visual, x, texts, soft, logit_scale, onehot, pooling, mode, autocast_dtype):
@@ -242,10 +251,8 @@ def _analytic_weights(visual, x, texts, soft, logit_scale, onehot):
     scale = d ** -0.5
     # forward (fp32), keeping what the backward reads
     a = blk.ln_1(x)
-    qkv = F.linear(a, at.in_proj_weight, at.in_proj_bias)
-    q, k, v = qkv.view(b, L, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, H, L, d)
-    p = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, H, L, L)
-    o = p @ v
+    q, k, v = split_heads(at, a)  # (B, H, L, d)
+    p, o = explicit_attention(q, k, v)  # (B, H, L, L), (B, H, L, d)
     out = x[:, 1:] + at.out_proj(o.transpose(1, 2).reshape(b, L, c))[:, 1:]  # patch tokens only from here
     xhat2, rstd2 = _ln_stats(blk.ln_2, out)
     hdn = mlp.c_fc(blk.ln_2(out)).requires_grad_(True)
@@ -261,12 +268,11 @@ def _analytic_weights(visual, x, texts, soft, logit_scale, onehot):
     for i, t in enumerate(texts):  # one-row products per image, as _logits
         mi = t.shape[0]
         pooled = zn[i:i + 1].mean(1) @ visual.proj  # (1, D)
-        f = F.normalize(pooled, dim=-1)
-        li = logit_scale * f @ t.t()  # (1, M_i)
-        logits.append(F.pad(li, (0, m - mi), value=float("-inf")))
+        f, li = _image_logits(pooled, t, logit_scale, m)  # (1, D), (1, M)
+        logits.append(li)
         e = eye[:, i, :mi]  # (K, M_i): target j's one-hot
         if soft[i]:
-            pr = li.softmax(-1)
+            pr = li[:, :mi].softmax(-1)
             gl = (e * pr).sum(-1, keepdim=True) * (e - pr)  # d p_j / d logits = p_j (e_j - p)
         else:
             gl = e

@@ -185,8 +185,7 @@ class COCODataset:
         try:
             return self._index.coco_id[image_id]
         except KeyError:
-            raise DatasetError(f"image id {image_id!r} is not in {self.ann_file}; use an id from ids() "
-                               "(COCO file stems such as COCO_val2014_000000000139)") from None
+            raise _unknown_id(image_id, self.ann_file) from None
 
     # ------------------------------------------------------------------ Dataset protocol
     def ids(self) -> list[str]:
@@ -202,9 +201,9 @@ class COCODataset:
         """The file names and labels of ``ids`` only (see :func:`~clip_es.data.base.worker_view`):
         what spawned loader workers need, instead of a pickled copy of the whole json index
         (every annotation's polygons; hundreds of MB for COCO train)."""
-        idx = self._index
-        return COCOImages(self.image_dir, str(self.ann_file), {i: idx.file_name[i] for i in ids if i in idx.file_name},
-                          {i: self.labels(i) for i in ids if i in idx.coco_id})
+        known = [i for i in ids if i in self._index.coco_id]  # others stay unknown there too
+        return COCOImages(self.image_dir, str(self.ann_file), {i: self._index.file_name[i] for i in known},
+                          {i: self.labels(i) for i in known})
 
     def labels(self, image_id: str) -> tuple[int, ...]:
         """Sorted class indices with at least one annotation (crowd included); ``()`` if none."""
@@ -259,8 +258,7 @@ class COCOImages:
 
     def _known(self, image_id: str) -> str:
         if image_id not in self.files:
-            raise DatasetError(f"image id {image_id!r} is not in {self.ann_file}; use an id from ids() "
-                               "(COCO file stems such as COCO_val2014_000000000139)")
+            raise _unknown_id(image_id, self.ann_file)
         return image_id
 
     def image_path(self, image_id: str) -> Path:
@@ -271,3 +269,8 @@ class COCOImages:
 
     def load_image(self, image_id: str) -> np.ndarray:
         return read_image(self.image_path(image_id))
+
+
+def _unknown_id(image_id: str, ann_file) -> DatasetError:
+    return DatasetError(f"image id {image_id!r} is not in {ann_file}; use an id from ids() "
+                        "(COCO file stems such as COCO_val2014_000000000139)")

@@ -95,6 +95,24 @@ def embed(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[
     return x, (h, w)
 
 
+def split_heads(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """``attn``'s input projection of batch-first ``x`` ``(B, L, C)`` as ``(3, B, H, L, d)``: q, k, v per head."""
+    b, n, c = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    return qkv.view(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with an explicit softmax (fp32 under autocast too) on
+    ``(B, H, L, d)`` heads; returns ``(probabilities (B, H, L, L), per-head output (B, H, L, d))``."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    probs = scores.float().softmax(-1)  # no-op casts in fp32
+    return probs, probs.to(v.dtype) @ v
+
+
 def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool = False,
               attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention with ``attn``'s weights on batch-first ``x`` ``(B, L, C)``.
@@ -107,15 +125,9 @@ def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool =
     GradCAM backward can vmap over; otherwise a fused kernel).
     """
     b, n, c = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = split_heads(attn, x)
     if need_weights:
-        scores = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        probs = scores.float().softmax(-1)  # fp32 under autocast too (no-op casts in fp32)
-        out = probs.to(v.dtype) @ v
+        probs, out = explicit_attention(q, k, v, attn_mask)
         avg = probs.mean(1)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
