@@ -484,11 +484,21 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                      "folder of <id>.png."),
           name: str = typer.Option("segmenter", "--name", help="Output folder RUN/NAME and manifest stage "
                                    "(clipes eval reports every segmenter in the run)."),
-          steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
-          batch_size: int = typer.Option(8, "--batch-size", help="Images per step and process."),
-          crop_size: int = typer.Option(320, "--crop-size", help="Training crop side (pixels)."),
-          lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (warm-up, then cosine to 0)."),
-          weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+          steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: the --arch's "
+                                              "recipe: 2000 for fusion and zegclip]."),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step and process "
+                                                   "[default: fusion 8, zegclip 4]."),
+          crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Training crop side in pixels; 0 = the "
+                                                  "images' median shorter side, rounded down to 32, in 128-512 "
+                                                  "[default: fusion 320, zegclip 0]."),
+          lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate [default: fusion 1e-3; "
+                                             "zegclip 2e-4, ZegCLIP's 2e-5 times its lr_mult 10 on prompts and "
+                                             "head]."),
+          weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay, never on "
+                                                       "norms and biases [default: fusion 1e-4, zegclip 0.01]."),
+          schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule after the warm-up: cosine "
+                                                 "(to 0) or poly (power 0.9 to 1e-6 for zegclip, ZegCLIP's) "
+                                                 "[default: fusion cosine, zegclip poly]."),
           backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", help="Backbone LR multiplier "
                                                  "(e.g. 0.1 with pretrained weights)."),
           loss: Optional[str] = typer.Option(None, "--loss", help="ce (softmax cross-entropy) or sigmoid (per-class "
@@ -502,8 +512,10 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes to hold out "
                                                "(zero-shot protocol): their pixels are ignored and their names "
                                                "never reach the model; segment/eval can still ask for them."),
-          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: the names are known and "
-                                            "ignored pixels the model assigns to them are self-trained on."),
+          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: the names are known; "
+                                            "pixels the masks give to unseen classes are ignored until "
+                                            "--self-train-from, then labelled with the unseen class the model "
+                                            "scores highest there (ZegCLIP's self-training)."),
           self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
                                                 "--steps before self-training starts."),
           prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
@@ -519,9 +531,10 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                                    "weights (needs network; default random init)."),
           dim: int = typer.Option(128, "--dim", help="Width of the stride-8 map and text tokens."),
           fusion_blocks: int = typer.Option(2, "--fusion-blocks", help="Number of fusion blocks."),
-          scale_range: str = typer.Option("0.5,2.0", "--scale-range", help="Random rescale range MIN,MAX before "
-                                          "cropping."),
-          warmup: int = typer.Option(100, "--warmup", help="LR warm-up steps (at most a fifth of --steps)."),
+          scale_range: Optional[str] = typer.Option(None, "--scale-range", help="Random rescale range MIN,MAX "
+                                                    "before cropping [default: 0.5,2.0 for fusion and zegclip]."),
+          warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear LR warm-up steps, at most a fifth "
+                                               "of --steps [default: fusion 100, zegclip 150 (ZegCLIP's 7.5 %)]."),
           no_fusion: bool = typer.Option(False, "--no-fusion", help="Alias of --head plain: the plain "
                                          "text-matching head (use with --name segmenter_nofusion)."),
           device: str = DeviceOpt,
@@ -533,8 +546,10 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                                    "(default: the one the cam stage recorded)."),
           clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Its pretrained tag or file."),
           threads: Optional[int] = ThreadsOpt) -> None:
-    """Train the lightweight segmenter (CNN + CLIP-text fusion) on the run's pseudo masks. Multi-process:
-    torchrun --standalone --nproc_per_node N -m clip_es train --run-dir RUN ... (DDP; gloo on CPU, nccl on CUDA)."""
+    """Train a segmenter on the run's pseudo masks: the lightweight CNN + CLIP-text fusion (default) or
+    ZegCLIP. Options left unset take the --arch's own recipe (shown in each option's help; recorded in
+    RUN/NAME/config.json). Multi-process: torchrun --standalone --nproc_per_node N -m clip_es train
+    --run-dir RUN ... (DDP; gloo on CPU, nccl on CUDA)."""
     from clip_es.train.loop import DistInfo, TrainConfig, train_segmenter
 
     cfg = TrainConfig(run=str(run), name=name, labels=labels, steps=steps, batch_size=batch_size,
@@ -545,7 +560,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                       transductive=transductive, self_train_from=self_train_from, prompts=prompts,
                       relation=not no_relation, dense_path=dense_path, device=device, seed=seed, workers=workers, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
-                      scale_range=_pair(scale_range, "--scale-range"), threads=threads)
+                      scale_range=_pair(scale_range, "--scale-range") if scale_range else None, schedule=schedule,
+                      threads=threads)
     res = train_segmenter(cfg)
     if DistInfo.from_env().main:
         typer.echo(res.summary())

@@ -85,15 +85,50 @@ def test_class_split_and_label_map():
         class_split(["a"], ("a",))
 
 
-def test_self_train_targets_only_fill_ignored_pixels_with_unseen():
-    from clip_es.train.loop import self_train_targets
+def test_self_train_targets_label_only_pending_pixels_by_the_unseen_argmax():
+    from clip_es.train.loop import PENDING, label_map, self_train_targets
 
-    logits = torch.zeros(1, 4, 1, 4)
-    logits[0, 3, 0, :] = 5.0   # every pixel predicts channel 3 (unseen)
-    logits[0, 1, 0, 1] = 9.0   # pixel 1 predicts a seen class
-    target = torch.tensor([[[255, 255, 2, 0]]])
-    out = self_train_targets(logits, target, torch.tensor([3]))
-    assert out.tolist() == [[[3, 255, 2, 0]]]
+    lut = label_map([0, 1, 2], pending=[2])          # classes 0, 1 seen; class 2 unseen (channel 3)
+    assert lut[torch.tensor([0, 1, 2, 3, 255])].tolist() == [0, 1, 2, PENDING, 255]
+    logits = torch.zeros(1, 5, 1, 5)
+    logits[0, 3, 0, :] = 5.0   # unseen channel 3 everywhere...
+    logits[0, 4, 0, 1] = 6.0   # ...but unseen channel 4 higher at pixel 1
+    logits[0, 1, 0, :] = 9.0   # a seen class is the overall argmax everywhere: it never wins a pending pixel
+    target = torch.tensor([[[PENDING, PENDING, 255, 2, 0]]])
+    unseen = torch.tensor([3, 4])
+    assert self_train_targets(logits, target, unseen, started=False).tolist() == [[[255, 255, 255, 2, 0]]]
+    assert self_train_targets(logits, target, unseen).tolist() == [[[3, 4, 255, 2, 0]]]
+
+
+def test_transductive_supervises_unseen_only_by_self_training(run_dir, monkeypatch):  # noqa: F811
+    """Spy on every step's targets: before the self-training start no pixel is supervised with an unseen
+    class; afterwards an unseen class only where the model itself scores it highest among the unseen."""
+    from clip_es.train import loop
+
+    seen_steps = []
+    real = loop.training_loss
+
+    def spy(loss_fn, logits, extras, y):
+        seen_steps.append((logits.detach().clone(), y.clone()))
+        return real(loss_fn, logits, extras, y)
+
+    monkeypatch.setattr(loop, "training_loss", spy)
+    loop.train_segmenter(loop.TrainConfig(run=str(run_dir), steps=6, unseen=("ring", "fish"), transductive=True,
+                                          self_train_from=0.5, **SMALL), progress=False)
+    ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
+    names = [c[0] for c in ck["text"]["classes"]]
+    ring, fish = names.index("ring") + 1, names.index("fish") + 1   # transductive: every class has its channel
+    assert len(seen_steps) == 6
+    labelled_after = 0
+    for step, (logits, y) in enumerate(seen_steps):
+        on_unseen = (y == ring) | (y == fish)
+        if step < 3:
+            assert not on_unseen.any(), f"step {step}: an unseen class supervised before self-training"
+        else:
+            pick = torch.where(logits[:, ring] >= logits[:, fish], ring, fish)
+            assert torch.equal(y[on_unseen], pick[on_unseen])
+            labelled_after += int(on_unseen.sum())
+    assert labelled_after > 0  # the crops did hold unseen objects, and self-training labelled them
 
 
 def test_seen_unseen_arithmetic():

@@ -29,7 +29,7 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import dense_forward, final_tokens
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.families import record_to_dict
+from clip_es.train.families import TrainDefaults, record_to_dict
 from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "clip"
@@ -118,6 +118,7 @@ class ClipDenseFamily(FrozenClipFamily):
     module_cls = ClipDenseSegmenter
     trainable = False
     default_loss = "ce"
+    train_defaults = TrainDefaults()  # nothing trains; recorded as for any family
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ClipDenseArch:
         return ClipDenseArch(text_dim=text_dim, path=str(getattr(cfg, "dense_path", "value"))).validate()

@@ -23,7 +23,9 @@ The contract (duck-typed; see :class:`Family` and :class:`SegmenterModule`):
   (``arch_from_dict``; every record's ``to_dict()`` holds ``"family"``), and builds the
   ``nn.Module`` from a record and a :class:`BuildContext` (``build``). ``trainable`` is
   ``False`` for a family that needs no training (the checkpoint then holds no weights);
-  ``default_loss`` names the ``--loss`` used when none is given.
+  ``default_loss`` names the ``--loss`` used when none is given; ``train_defaults`` (a
+  :class:`TrainDefaults`) the optimisation recipe ``clipes train`` uses for every option the
+  user leaves unset (steps, batch, crop, scale range, LR, weight decay, warm-up, schedule).
 * the module's ``forward(x, text, return_extras=False)`` takes ``x`` ``(B, 3, H, W)`` RGB in
   [0, 1] (normalised inside) and ``text`` ``(K, D)`` L2-normalised class embeddings and
   returns ``(B, K+1, H, W)`` logits, channel 0 the background; with ``return_extras=True``
@@ -88,12 +90,43 @@ class BuildContext:
         return load_recorded_clip(self.text["clip"], self.clip_model, self.clip_pretrained, self.device)
 
 
+SCHEDULES = ("cosine", "poly")
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """A family's training recipe: what ``clipes train`` uses for each option left unset.
+
+    Attributes:
+        steps, batch_size, crop_size: optimizer steps, images per step and process, crop side (pixels).
+        scale_range: random rescale range before cropping.
+        lr: peak AdamW learning rate of every trainable parameter (times ``--backbone-lr-mult``
+            on a CNN backbone).
+        weight_decay: AdamW weight decay (never on norms, biases and scalars).
+        warmup: linear warm-up steps (at most a fifth of the steps).
+        schedule: ``cosine`` (to 0 after the warm-up) or ``poly`` (``(1 - t/T)^0.9`` to ``min_lr``
+            over all steps, the warm-up scaling it from ``1e-6`` of its value, as mmcv's poly policy).
+        min_lr: the ``poly`` schedule's floor.
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    crop_size: int = 320
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+
+
 class Family(Protocol):
     """What a family module's ``FAMILY`` object provides."""
 
     name: str
     trainable: bool
     default_loss: str
+    train_defaults: TrainDefaults
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> Any: ...
 

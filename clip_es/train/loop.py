@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,7 @@ from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_check
                                       weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
-from clip_es.train.families import BuildContext, get_family
+from clip_es.train.families import SCHEDULES, BuildContext, TrainDefaults, get_family
 from clip_es.train.losses import IGNORE, ce_loss, get_loss
 from clip_es.train.model import count_parameters
 from clip_es.train.text import cached_text, run_text_setup
@@ -51,6 +51,10 @@ from clip_es.threads import start_forked_workers, threads_from_config
 log = logging.getLogger(__name__)
 
 LOG = "log.csv"
+#: TrainConfig fields a family's recipe fills when left ``None`` (:class:`TrainDefaults`' fields).
+RECIPE_FIELDS = tuple(TrainDefaults.__dataclass_fields__)
+#: ``crop_size`` meaning "from the data" (:func:`auto_crop_size`).
+AUTO_CROP = 0
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,15 @@ class TrainConfig:
         batch_size: images per step and process.
         crop_size: training crop side in pixels.
         lr, weight_decay: AdamW; the LR warms up linearly for ``warmup`` steps (at most ``steps // 5``;
-            config.json records the number used) then follows a cosine to 0.
+            config.json records the number used) then follows ``schedule``: ``cosine`` to 0 or ``poly``
+            (power 0.9 to ``min_lr``; see :func:`lr_at`).
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
+
+        ``steps``, ``batch_size``, ``crop_size``, ``scale_range``, ``lr``, ``weight_decay``, ``warmup``,
+        ``schedule`` and ``min_lr`` left ``None`` take the family's recipe
+        (:class:`~clip_es.train.families.TrainDefaults`: ``FAMILY.train_defaults``); :meth:`validate`
+        returns the config with them filled in, and that is what config.json and checkpoints record.
         arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter),
             ``zegclip`` (frozen CLIP ViT + prompts + decoder), ``clip`` (training-free).
         head: the CNN segmenter's head (``plain``, ``denseclip``, ``fusion``; see :data:`clip_es.train.model.HEADS`).
@@ -75,9 +85,10 @@ class TrainConfig:
             per-class focal + dice); ``None`` = the family's default.
         unseen: class names held out (inductive zero-shot protocol): their pixels in the training
             masks become ignored and their names never reach the model; recorded in the checkpoint.
-        transductive: with ``unseen``, the names are known to the model and, from step
-            ``self_train_from * steps`` on, ignored pixels the model assigns to an unseen class
-            are labelled with it (online self-training).
+        transductive: with ``unseen``, the names are known to the model; the pixels the masks give
+            to an unseen class are ignored until step ``self_train_from * steps``, then each is labelled
+            with the unseen class the model scores highest there (ZegCLIP's online self-training; the
+            mask's own unseen label is never used).
         self_train_from: fraction of ``steps`` before self-training starts (``transductive``).
         prompts, relation: ``zegclip``: deep visual prompt tokens per block (0 = none), relationship
             descriptor on (``False``: class queries from the text alone).
@@ -97,14 +108,16 @@ class TrainConfig:
     run: str
     name: str = "segmenter"
     labels: str = "refine"
-    steps: int = 2000
-    batch_size: int = 8
-    crop_size: int = 320
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup: int = 100
+    steps: int | None = None
+    batch_size: int | None = None
+    crop_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: int | None = None
+    schedule: str | None = None
+    min_lr: float | None = None
     backbone_lr_mult: float = 1.0
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_range: tuple[float, float] | None = None
     loss: str | None = None
     arch: str = "fusion"
     head: str = "fusion"
@@ -130,30 +143,48 @@ class TrainConfig:
     clip_pretrained: str | None = None
     threads: int | None = None
 
+    def resolved(self) -> "TrainConfig":
+        """This config with every recipe field left ``None`` set to the family's default."""
+        defaults = get_family(self.arch).train_defaults
+        fill = {f: getattr(defaults, f) for f in RECIPE_FIELDS if getattr(self, f) is None}
+        cfg = replace(self, **fill) if fill else self
+        return replace(cfg, scale_range=tuple(float(v) for v in cfg.scale_range))
+
     def validate(self) -> "TrainConfig":
-        get_loss(self.resolved_loss())
-        for opt, v, lo in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
-                           ("--crop-size", self.crop_size, 32), ("--save-every", self.save_every, 1),
-                           ("--log-every", self.log_every, 1)):
+        """The resolved config (:meth:`resolved`), checked.
+
+        Raises:
+            ConfigError: an option out of range, with its name and the value.
+        """
+        cfg = self.resolved()
+        get_loss(cfg.resolved_loss())
+        if cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if cfg.min_lr < 0:
+            raise ConfigError(f"the schedule's minimum LR must be >= 0, got {cfg.min_lr}")
+        for opt, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
+                           ("--save-every", cfg.save_every, 1), ("--log-every", cfg.log_every, 1)):
             if v < lo:
                 raise ConfigError(f"{opt} must be at least {lo}, got {v}")
-        if self.workers < 0 or self.warmup < 0:
+        if cfg.crop_size != AUTO_CROP and cfg.crop_size < 32:
+            raise ConfigError(f"--crop-size must be at least 32 (or {AUTO_CROP}: from the images), got {cfg.crop_size}")
+        if cfg.workers < 0 or cfg.warmup < 0:
             raise ConfigError("--workers and --warmup must be >= 0")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.backbone_lr_mult >= 0:
+        if not cfg.lr > 0 or cfg.weight_decay < 0 or not cfg.backbone_lr_mult >= 0:
             raise ConfigError(f"--lr must be > 0 and weight decay / backbone LR multiplier >= 0 "
-                              f"(got {self.lr}, {self.weight_decay}, {self.backbone_lr_mult})")
-        lo, hi = self.scale_range
+                              f"(got {cfg.lr}, {cfg.weight_decay}, {cfg.backbone_lr_mult})")
+        lo, hi = cfg.scale_range
         if not 0 < lo <= hi:
-            raise ConfigError(f"scale range must satisfy 0 < min <= max, got {self.scale_range}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
-        if self.name in ("cam", "refine", "crf"):
-            raise ConfigError(f"--name {self.name!r} is another stage's folder; pick e.g. 'segmenter'")
-        if self.transductive and not self.unseen:
+            raise ConfigError(f"scale range must satisfy 0 < min <= max, got {cfg.scale_range}")
+        if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+            raise ConfigError(f"--name must be a plain folder name, got {cfg.name!r}")
+        if cfg.name in ("cam", "refine", "crf"):
+            raise ConfigError(f"--name {cfg.name!r} is another stage's folder; pick e.g. 'segmenter'")
+        if cfg.transductive and not cfg.unseen:
             raise ConfigError("--transductive needs --unseen (the classes to self-train on)")
-        if not 0 <= self.self_train_from < 1:
-            raise ConfigError(f"self-training start must be a fraction in [0, 1), got {self.self_train_from}")
-        return self
+        if not 0 <= cfg.self_train_from < 1:
+            raise ConfigError(f"self-training start must be a fraction in [0, 1), got {cfg.self_train_from}")
+        return cfg
 
     def resolved_loss(self) -> str:
         """``loss``, or the family's default when ``None``."""
@@ -171,7 +202,8 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
-                                   "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value"}
+                                   "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value",
+                                   "schedule": "cosine", "min_lr": 0.0}
 
 
 def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
@@ -189,8 +221,9 @@ def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
 
 def stage_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The output-deciding parameters (config.json, manifest hash); ``warmup`` as :func:`lr_at` uses it,
-    ``loss`` resolved to the family's default."""
+    """The output-deciding parameters (config.json, manifest hash) of the resolved config; ``warmup`` as
+    :func:`lr_at` uses it, ``loss`` resolved to the family's default."""
+    cfg = cfg.resolved()
     p = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS
          and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     p["scale_range"] = list(cfg.scale_range)
@@ -216,28 +249,47 @@ def class_split(names: list[str], unseen: tuple[str, ...] | list[str]) -> tuple[
     return seen, [i for i, n in enumerate(names) if n in unseen]
 
 
-def label_map(keep: list[int]) -> torch.Tensor:
+#: Training-target value of a pixel whose mask names an unseen class (transductive protocol): ignored
+#: until self-training starts, then labelled by the model (:func:`self_train_targets`).
+PENDING = -1
+
+
+def label_map(keep: list[int], pending: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
     """``(256,)`` int64 lookup for training masks: background stays 0, class ``keep[j]`` (0-based)
-    becomes ``j + 1``; every other class and 255 become ignored."""
+    becomes ``j + 1`` (the model's channel), a class in ``pending`` becomes :data:`PENDING` (its
+    pixels wait for self-training; ``pending`` classes may be in ``keep``), every other class and
+    255 become ignored."""
     lut = torch.full((256,), IGNORE, dtype=torch.int64)
     lut[0] = 0
     for j, k in enumerate(keep):
         lut[k + 1] = j + 1
+    for k in pending:
+        lut[k + 1] = PENDING
     return lut
 
 
-def self_train_targets(logits: torch.Tensor, target: torch.Tensor, unseen_channels: torch.Tensor) -> torch.Tensor:
-    """Online pseudo labels (transductive protocol): ignored pixels whose argmax over all
-    channels is an unseen class take that class; every other pixel keeps its target.
+def self_train_targets(logits: torch.Tensor, target: torch.Tensor, unseen_channels: torch.Tensor,
+                       started: bool = True) -> torch.Tensor:
+    """Training targets of the transductive protocol (ZegCLIP's self-training).
+
+    The pixels the masks give to an unseen class (:data:`PENDING`) are ignored until self-training
+    starts; from then on each takes the unseen class the model scores highest there (argmax over the
+    unseen channels only). Which unseen class the mask named is never used, and no other pixel changes.
 
     Args:
         logits: ``(B, N, H, W)`` (detached inside).
-        target: ``(B, H, W)`` int64, 255 = ignore.
+        target: ``(B, H, W)`` int64 from :func:`label_map`: channels, 255 = ignore, :data:`PENDING`.
         unseen_channels: ``(U,)`` int64 channel indices of the unseen classes.
+        started: whether self-training has started.
+
+    Returns:
+        ``(B, H, W)`` int64 targets with no :data:`PENDING` left.
     """
-    pred = logits.detach().argmax(1)
-    take = (target == IGNORE) & torch.isin(pred, unseen_channels)
-    return torch.where(take, pred, target)
+    pending = target == PENDING
+    if not started or not len(unseen_channels):
+        return torch.where(pending, torch.full_like(target, IGNORE), target)
+    choice = unseen_channels[logits.detach()[:, unseen_channels].argmax(1)]
+    return torch.where(pending, choice, target)
 
 
 @dataclass
@@ -268,14 +320,47 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+def auto_crop_size(ds, ids: list[str], sample: int = 64, multiple: int = 32, lo: int = 128, hi: int = 512) -> int:
+    """The crop side for ``crop_size = 0``: the median shorter side of up to ``sample`` of the images
+    (evenly spaced over ``ids``; headers only), rounded down to a multiple of ``multiple`` and kept in
+    ``[lo, hi]``. ZegCLIP's 512 crops are its images' shorter side after its 512-pixel rescale; this
+    keeps that relation on images of any size (VOC's 500x375: 352; 640x480 COCO: 480).
+    """
+    from PIL import Image
+
+    pick = ids[:: max(1, len(ids) // sample)][:sample]
+    sides = []
+    for i in pick:
+        with Image.open(ds.image_path(i)) as im:
+            sides.append(min(im.size))
+    side = int(sorted(sides)[len(sides) // 2]) if sides else hi
+    return max(lo, min(hi, side // multiple * multiple))
+
+
 def warmup_steps(cfg: TrainConfig) -> int:
     """Warm-up steps actually used: ``min(warmup, steps // 5)``."""
     return min(cfg.warmup, cfg.steps // 5)
 
 
+#: ``poly``: the LR at step 0 of the warm-up, as a fraction of the schedule's (mmcv's ``warmup_ratio``).
+POLY_WARMUP_START = 1e-6
+POLY_POWER = 0.9
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up for :func:`warmup_steps` steps, then cosine decay to 0."""
+    """The LR of ``step`` (0-based) for a resolved ``cfg``.
+
+    * ``cosine``: linear warm-up ``lr * (step + 1) / warm`` for :func:`warmup_steps` steps, then a
+      cosine from ``lr`` to 0 over the remaining steps;
+    * ``poly`` (ZegCLIP's, mmcv's policy): ``(lr - min_lr) * (1 - step / steps) ** 0.9 + min_lr`` over
+      all steps, scaled during the warm-up by a factor rising linearly from ``1e-6`` to 1.
+    """
     warm = warmup_steps(cfg)
+    if cfg.schedule == "poly":
+        lr = (cfg.lr - cfg.min_lr) * (1 - step / cfg.steps) ** POLY_POWER + cfg.min_lr
+        if step < warm:
+            lr *= 1 - (1 - step / warm) * (1 - POLY_WARMUP_START)
+        return lr
     if step < warm:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(1, cfg.steps - warm)
@@ -347,6 +432,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
 
     run = RunDir(cfg.run)
     out = run.stage_dir(cfg.name)
+    if cfg.crop_size == AUTO_CROP and run.manifest_path.is_file():  # every rank reads the same headers
+        split = dataset_of_run(run)
+        cfg = replace(cfg, crop_size=auto_crop_size(split, split.ids()))
     payload: dict[str, Any] | None = None
     err: BaseException | None = None
     if info.main:
@@ -372,10 +460,11 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     names = [str(c[0]) for c in payload["classes"]]
     seen, unseen = class_split(names, cfg.unseen)
     all_text = payload["embeddings"].to(device)
-    # inductive: the model sees only the seen names, masks renumbered to them; transductive: every name
+    # inductive: the model sees only the seen names, masks renumbered to them, unseen pixels ignored;
+    # transductive: every name, unseen pixels pending until self-training labels them (self_train_targets)
     keep = list(range(len(names))) if cfg.transductive else seen
     text = all_text[keep]
-    lut = label_map(keep).to(device)
+    lut = label_map(keep, unseen if cfg.transductive else ()).to(device)
     unseen_channels = torch.tensor([keep.index(u) + 1 for u in unseen] if cfg.transductive else [],
                                    dtype=torch.int64, device=device)
     self_train_step = int(cfg.self_train_from * cfg.steps) if cfg.transductive else None
@@ -455,8 +544,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
             x = images.to(device, non_blocking=True).float().div_(255)
             y = lut[masks.to(device, non_blocking=True)]
             logits, extras = net(x, text, return_extras=True)
-            if self_train_step is not None and step >= self_train_step:
-                y = self_train_targets(logits, y, unseen_channels)
+            if self_train_step is not None:
+                y = self_train_targets(logits, y, unseen_channels, started=step >= self_train_step)
             loss = training_loss(loss_fn, logits, extras, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

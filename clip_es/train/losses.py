@@ -86,11 +86,18 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0
     """ZegCLIP's loss: per-class sigmoid focal loss over all classes and pixels + dice over the
     classes present, ``focal_weight : dice_weight`` (ZegCLIP: 100 : 1).
 
+    Both terms are normalised as ZegCLIP's criterion does, by the number ``M`` of (image, channel)
+    pairs whose class is present in the image (at least 1):
+
     * focal: ``alpha_t (1 - p_t)^gamma BCE`` with ``alpha_t = alpha`` on positives and ``1 - alpha``
-      on negatives, mean over the ``N`` channels and the counted pixels;
+      on negatives, a mean over each image's counted pixels per (image, channel), summed over every
+      (image, channel) pair (absent classes too) and divided by ``M``;
     * dice: ``1 - (2 sum p t + eps) / (sum p + sum t + eps)`` per image and channel over the counted
-      pixels, summed over the (image, channel) pairs whose class is present and divided by their number
-      (an absent class enters through the focal term only).
+      pixels, summed over the ``M`` present pairs and divided by ``M`` (an absent class enters through
+      the focal term only).
+
+    With ``unsure="negative"`` every pixel counts, and this is ZegCLIP's loss value (checked against its
+    code by ``pipelines/bench/zegclip_parity.py``). ``M`` is per process (ZegCLIP averages it over DDP ranks).
 
     Args:
         logits: ``(B, N, H, W)`` (channel 0 background).
@@ -114,11 +121,13 @@ def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0
     p_t = prob * onehot + (1 - prob) * (1 - onehot)
     alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
     count = counted.sum()
-    focal = (alpha_t * (1 - p_t) ** gamma * bce * counted).sum() / (count * n).clamp(min=1)
+    present = (onehot.sum((2, 3)) > 0).to(logits.dtype)                             # (B, N)
+    n_present = present.sum().clamp(min=1)
+    per_image = counted.sum((2, 3)).clamp(min=1)                                    # (B, 1)
+    focal = ((alpha_t * (1 - p_t) ** gamma * bce * counted).sum((2, 3)) / per_image).sum() / n_present
     inter = (prob * onehot * counted).sum((2, 3))                                   # (B, N)
     denom = (prob * counted).sum((2, 3)) + onehot.sum((2, 3))
-    present = (onehot.sum((2, 3)) > 0).to(logits.dtype)
-    dice = ((1 - (2 * inter + eps) / (denom + eps)) * present).sum() / present.sum().clamp(min=1)
+    dice = ((1 - (2 * inter + eps) / (denom + eps)) * present).sum() / n_present
     total = focal_weight * focal + dice_weight * dice
     return torch.where(count > 0, total, total * 0)
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from clip_es.errors import ConfigError, RegistryError, WeightsError, first_line
 from clip_es.train.denseclip import DenseClipHead
-from clip_es.train.families import check_text, record_from_dict, record_to_dict
+from clip_es.train.families import TrainDefaults, check_text, record_from_dict, record_to_dict
 from clip_es.train.heads import Attention, Head
 
 log = logging.getLogger(__name__)
@@ -426,6 +426,8 @@ class CnnFamily:
     name = FAMILY_NAME
     trainable = True
     default_loss = "ce"
+    #: 2000 steps of batch 8 at crop 320, AdamW 1e-3 (wd 1e-4), 100 warm-up steps then cosine.
+    train_defaults = TrainDefaults()
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> SegmenterArch:
         """The record ``clipes train`` options describe (``fusion_blocks=0`` with the fusion head = plain)."""

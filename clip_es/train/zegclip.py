@@ -41,12 +41,16 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import block_forward, embed
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.families import record_to_dict
+from clip_es.train.families import TrainDefaults, record_to_dict
 from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "zegclip"
 #: Most decoder heads (ZegCLIP uses 8); fewer when 8 does not divide the CLIP embedding width.
 MAX_HEADS = 8
+#: Decoder FFN activations.
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+#: Record fields added later, with the value that older checkpoints trained with.
+_OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0}
 
 
 def decoder_heads(dim: int, most: int = MAX_HEADS) -> int:
@@ -65,6 +69,10 @@ class ZegClipArch:
         layers: decoder layers (the last one scores).
         heads: decoder attention heads (``text_dim % heads == 0``).
         dropout: dropout on every prompt set.
+        activation: the decoder FFN's (``relu``, ZegCLIP's; records written before it existed read
+            as ``gelu``, what they trained with).
+        decoder_dropout: dropout on the decoder's attention weights and residual branches (ZegCLIP: 0.1;
+            older records: 0).
         mean, std: RGB normalisation the CLIP is fed with.
     """
 
@@ -74,6 +82,8 @@ class ZegClipArch:
     layers: int = 3
     heads: int = 8
     dropout: float = 0.1
+    activation: str = "relu"
+    decoder_dropout: float = 0.1
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
@@ -84,6 +94,8 @@ class ZegClipArch:
             raise ConfigError(f"the zegclip decoder needs at least 1 layer, got {self.layers}")
         if self.heads < 1 or self.text_dim % self.heads:
             raise ConfigError(f"zegclip decoder heads must divide the CLIP width {self.text_dim}, got {self.heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"zegclip decoder activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +112,7 @@ class DeepPrompts(nn.Module):
         bound = math.sqrt(6.0 / (3 * patch * patch + width))
         self.tokens = nn.Parameter(torch.empty(blocks, n, width).uniform_(-bound, bound))
         self.proj = nn.Linear(width, width)
+        nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")  # as ZegCLIP initialises it
         self.drop = nn.Dropout(dropout)
 
     def forward(self, i: int) -> torch.Tensor:
@@ -108,19 +121,22 @@ class DeepPrompts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm: ``q = LN(q + CrossAttn(q, mem)); q = LN(q + FFN(q))`` with a 4x FFN."""
+    """Post-norm: ``q = LN(q + drop(CrossAttn(q, mem))); q = LN(q + drop(FFN(q)))`` with a 4x FFN
+    (no self-attention among the queries, as ZegCLIP's decoder layer)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, activation: str = "relu", dropout: float = 0.0):
         super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), ACTIVATIONS[activation](), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim))
         self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """``q`` ``(B, C, D)``, ``mem`` ``(B, N, D)`` -> ``(B, C, D)``."""
-        q = self.norm1(q + self.attn(q, mem, mem, need_weights=False)[0])
-        return self.norm2(q + self.ffn(q))
+        q = self.norm1(q + self.drop(self.attn(q, mem, mem, need_weights=False)[0]))
+        return self.norm2(q + self.drop(self.ffn(q)))
 
 
 class MaskLogits(nn.Module):
@@ -154,13 +170,14 @@ class ZegClipSegmenter(FrozenClipModule):
         width = int(visual.conv1.out_channels)
         blocks = len(visual.transformer.resblocks)
         self.prompts = DeepPrompts(blocks, arch.prompts, width, self.stride, arch.dropout) if arch.prompts else None
-        self.out_norm = nn.LayerNorm(width)
+        self.out_norm = nn.LayerNorm(width, eps=1e-6)
         d = arch.text_dim
         g = torch.Generator().manual_seed(0)
         self.bg_token = nn.Parameter(F.normalize(torch.randn(d, generator=g), dim=0))
         self.relation = nn.Linear(2 * d if arch.relation else d, d)
         self.memory = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-        self.decoder = nn.ModuleList(DecoderLayer(d, arch.heads) for _ in range(arch.layers - 1))
+        self.decoder = nn.ModuleList(DecoderLayer(d, arch.heads, arch.activation, arch.decoder_dropout)
+                                     for _ in range(arch.layers - 1))
         self.scorer = MaskLogits(d, arch.heads)
         self._start_from_clip()
 
@@ -178,7 +195,7 @@ class ZegClipSegmenter(FrozenClipModule):
                 lin.weight.copy_(eye)
             lin.bias.zero_()
         for layer in self.decoder:
-            for lin in (layer.attn.out_proj, layer.ffn[2]):
+            for lin in (layer.attn.out_proj, layer.ffn[-1]):
                 lin.weight.zero_()
                 lin.bias.zero_()
 
@@ -194,12 +211,14 @@ class ZegClipSegmenter(FrozenClipModule):
         tok = self.visual.ln_post(self.out_norm(tok)) @ self.visual.proj
         return F.normalize(tok[:, 1 + n_p:], dim=-1), F.normalize(tok[:, 0], dim=-1), grid
 
-    def queries(self, text: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def queries(self, text: torch.Tensor, g: torch.Tensor, background: bool = True) -> torch.Tensor:
         """Relationship descriptor: ``(K, D)`` text and ``(B, D)`` CLS -> ``(B, K+1, D)`` queries
-        (the learnt background first)."""
+        (the learnt background first; ``background=False``: ``(B, K, D)``, the classes alone)."""
         self.check_text(text)
-        t = torch.cat([F.normalize(self.bg_token, dim=0)[None], text.to(g.dtype)], 0)[None]  # (1, K+1, D)
-        t = t.expand(g.shape[0], -1, -1)
+        t = text.to(g.dtype)
+        if background:
+            t = torch.cat([F.normalize(self.bg_token, dim=0)[None].to(g.dtype), t], 0)
+        t = t[None].expand(g.shape[0], -1, -1)                                             # (B, K+1, D)
         if self.arch.relation:
             t = torch.cat([t * g[:, None], t], -1)
         return self.relation(t)
@@ -214,15 +233,23 @@ class ZegClipSegmenter(FrozenClipModule):
         Returns:
             ``(B, K+1, H, W)`` logits (sigmoid scores); channel 0 = background (and ``{}`` extras when asked).
         """
-        H, W = x.shape[-2:]
-        patches, g, (h, w) = self.encode((x - self.mean) / self.std)
-        q = self.queries(text, g)
-        patches = self.memory(patches)
-        for layer in self.decoder:
-            q = layer(q, patches)
-        logits = self.scorer(q, patches).view(x.shape[0], -1, h, w)
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        patches, g, grid = self.encode((x - self.mean) / self.std)
+        logits = self.decode(patches, g, text, grid, x.shape[-2:])
         return (logits, {}) if return_extras else logits
+
+    def decode(self, patches: torch.Tensor, g: torch.Tensor, text: torch.Tensor, grid: tuple[int, int],
+               size: tuple[int, int], background: bool = True, memory: bool = True) -> torch.Tensor:
+        """Mask logits from :meth:`encode`'s outputs, bilinear to ``size``: ``(B, K+1, H, W)``.
+
+        ``background=False`` leaves the learnt background query out (``(B, K, H, W)``) and ``memory=False``
+        the memory projection (the decoder attends to the L2-normalised patch tokens themselves): ZegCLIP's
+        own head, for the parity check (``pipelines/bench/zegclip_parity.py``)."""
+        q = self.queries(text, g, background)
+        mem = self.memory(patches) if memory else patches
+        for layer in self.decoder:
+            q = layer(q, mem)
+        logits = self.scorer(q, mem).view(g.shape[0], -1, *grid)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class ZegClipFamily(FrozenClipFamily):
@@ -233,10 +260,20 @@ class ZegClipFamily(FrozenClipFamily):
     module_cls = ZegClipSegmenter
     trainable = True
     default_loss = "focal_dice"
+    #: ZegCLIP's VOC recipe (AdamW 2e-5 with lr_mult 10 on the prompts and the head, so 2e-4 on every
+    #: trainable parameter; weight decay 0.01, none on norms; linear warm-up then poly 0.9 to 1e-6;
+    #: batch 4; scale 0.5-2.0) at a tenth of its 20k iterations for a CPU, the warm-up kept at the same
+    #: 7.5 % (1500 of 20k); the crop from the images (crop_size 0, :func:`~clip_es.train.loop.auto_crop_size`:
+    #: their median shorter side, as ZegCLIP's 512 crops are on its rescaled VOC images).
+    train_defaults = TrainDefaults(steps=2000, batch_size=4, crop_size=0, scale_range=(0.5, 2.0), lr=2e-4,
+                                   weight_decay=0.01, warmup=150, schedule="poly", min_lr=1e-6)
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ZegClipArch:
         return ZegClipArch(text_dim=text_dim, prompts=int(getattr(cfg, "prompts", 10)),
                            relation=bool(getattr(cfg, "relation", True)), heads=decoder_heads(text_dim)).validate()
+
+    def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
+        return super().arch_from_dict({**_OLDER_RECORDS, **d})
 
 
 FAMILY = ZegClipFamily()
