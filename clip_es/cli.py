@@ -316,8 +316,11 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
              split: Optional[str] = typer.Option(None, "--split", help="Split for the segmenter (default val)."),
              limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images per stage."),
              unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes held out of "
-                                                  "training: adds seen mIoU (background counted with the seen "
-                                                  "classes), unseen mIoU and hIoU to every stage."),
+                                                  "training: adds seen mIoU, unseen mIoU and hIoU to every stage."),
+             seen_background: bool = typer.Option(True, "--seen-background/--no-seen-background",
+                                                  help="With --unseen: count background among the seen classes "
+                                                  "(VOC-21 convention) or not (seen object classes only, as "
+                                                  "ZegCLIP's VOC tables)."),
              calibration: Optional[float] = typer.Option(None, "--calibration", help="Offset on trained classes' "
                                                          "scores for segmenters predicting untrained names "
                                                          "(default: each family's)."),
@@ -329,7 +332,8 @@ def eval_cmd(run: Path = typer.Option(..., "--run", help="Run folder to evaluate
         typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
     evaluate_run(run, EvalOptions(alpha=alpha, stages=tuple(stage) if stage else None, split=split, limit=limit,
-                                  unseen=_names(unseen, "--unseen"), calibration=calibration), on_report=show)
+                                  unseen=_names(unseen, "--unseen"), seen_background=seen_background,
+                                  calibration=calibration), on_report=show)
 
 
 # ----------------------------------------------------------------------------- refine

@@ -19,6 +19,7 @@ pixels that are right); mIoU is then computed on predicted pixels only.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,8 +47,10 @@ class EvalOptions:
         split: evaluation split for stages that predict on another split (the segmenter).
         limit: evaluate only the first ``limit`` images of a stage.
         unseen: class names held out of training (``clipes train --unseen``): every stage's
-            report adds ``zero_shot`` = seen mIoU (background + seen classes), unseen mIoU and
-            hIoU (see :func:`clip_es.scoring.seen_unseen`).
+            report adds ``zero_shot`` = seen mIoU, unseen mIoU and hIoU (see
+            :func:`clip_es.scoring.seen_unseen`).
+        seen_background: count background among the seen classes (VOC-21 convention); ``False``:
+            seen mIoU over the seen object classes only, as ZegCLIP's VOC tables.
         calibration: offset on trained classes' scores for segmenters predicting untrained
             names (``None``: each family's default).
     """
@@ -57,6 +60,7 @@ class EvalOptions:
     split: str | None = None
     limit: int | None = None
     unseen: tuple[str, ...] = ()
+    seen_background: bool = True
     calibration: float | None = None
 
 
@@ -200,7 +204,8 @@ def evaluate_run(run: str | Path, options: EvalOptions = EvalOptions(), progress
             continue
         report[stage] = score_predictions(preds, options.limit, desc=f"eval {stage}", progress=progress)
         if options.unseen:
-            report[stage]["zero_shot"] = seen_unseen(report[stage]["per_class"], options.unseen)
+            report[stage]["zero_shot"] = seen_unseen(report[stage]["per_class"], options.unseen,
+                                                     options.seen_background)
     if not report:
         raise RunDirError(f"{run}: no stage outputs to evaluate; run 'clipes cam' first")
     report_all = {"alpha": options.alpha, "stages": report}
@@ -236,14 +241,18 @@ def format_report(report: dict[str, Any]) -> str:
     if zs:
         for key, label in (("seen", "seen mIoU"), ("unseen", "unseen mIoU"), ("hiou", "hIoU")):
             lines.append(f"{label:<{w}} " + " ".join(
-                f"{report['stages'][s]['zero_shot'][key] * 100:9.1f}" if s in zs else f"{'-':>9}" for s in stages))
+                f"{report['stages'][s]['zero_shot'][key] * 100:9.1f}"
+                if s in zs and math.isfinite(report['stages'][s]['zero_shot'][key]) else f"{'-':>9}"
+                for s in stages))
     lines.append(f"{'images':<{w}} " + " ".join(f"{report['stages'][s]['images']:>9}" for s in stages))
     if any(report["stages"][s].get("images_without_gt") for s in stages):
         lines.append(f"{'without GT':<{w}} " + " ".join(
             f"{report['stages'][s].get('images_without_gt', 0):>9}" for s in stages))
         lines.append("(images = images scored; images without a ground-truth mask are not scored)")
     if zs:
-        unseen = report["stages"][zs[0]]["zero_shot"]["unseen_classes"]
-        lines.append(f"(unseen: {', '.join(unseen)}; seen mIoU counts background with the seen classes, "
+        zero = report["stages"][zs[0]]["zero_shot"]
+        counted = ("counts background with the seen classes" if zero.get("background_counted", "with the seen "
+                   "classes") != "no" else "is over the seen object classes only (background left out)")
+        lines.append(f"(unseen: {', '.join(zero['unseen_classes'])}; seen mIoU {counted}, "
                      "hIoU = 2 S U / (S + U))")
     return "\n".join(lines)

@@ -57,13 +57,17 @@ def iou_report(conf: np.ndarray, names: list[str]) -> dict[str, Any]:
             "pixel_acc": float(tp.sum() / max(conf.sum(), 1))}
 
 
-def seen_unseen(per_class: dict[str, float | None], unseen: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Zero-shot summary of a per-class IoU report (ZegCLIP's protocol).
+def seen_unseen(per_class: dict[str, float | None], unseen: list[str] | tuple[str, ...],
+                seen_background: bool = True) -> dict[str, Any]:
+    """Zero-shot summary of a per-class IoU report.
 
-    ``seen`` is the mean IoU over background and the seen classes (the VOC-21 convention:
-    background counts with the seen classes), ``unseen`` the mean over the unseen classes,
-    ``hiou`` their harmonic mean ``2 S U / (S + U)`` (0 when either is 0). Classes whose IoU
-    is undefined (absent from GT and prediction) are left out of the means.
+    ``seen`` is the mean IoU over the seen classes, with background counted among them when
+    ``seen_background`` (the VOC-21 convention) or left out (``False``: the seen object classes only,
+    as ZegCLIP's VOC tables report seen mIoU; ZegCLIP also ignores background pixels in training and
+    evaluation, which these per-class IoUs, from a prediction that includes background, do not);
+    ``unseen`` the mean over the unseen classes, ``hiou`` their harmonic mean ``2 S U / (S + U)``
+    (NaN when either is undefined, 0 when both are 0). Classes whose IoU is undefined (absent from GT
+    and prediction) are left out of the means.
 
     Raises:
         DatasetError: an unseen name that is not a class of the report.
@@ -72,13 +76,14 @@ def seen_unseen(per_class: dict[str, float | None], unseen: list[str] | tuple[st
     if bad:
         raise DatasetError(f"--unseen {', '.join(bad)}: not a class; valid: "
                            f"{', '.join(n for n in per_class if n != 'background')}")
-    s_vals = [v for n, v in per_class.items() if n not in unseen and v is not None]
+    s_vals = [v for n, v in per_class.items() if n not in unseen and v is not None
+              and (seen_background or n != "background")]
     u_vals = [v for n, v in per_class.items() if n in unseen and v is not None]
     s = float(np.mean(s_vals)) if s_vals else float("nan")
     u = float(np.mean(u_vals)) if u_vals else float("nan")
-    h = 2 * s * u / (s + u) if s + u > 0 else 0.0
+    h = 2 * s * u / (s + u) if s + u > 0 else (0.0 if s == u == 0 else float("nan"))
     return {"seen": s, "unseen": u, "hiou": float(h), "unseen_classes": list(unseen),
-            "background_counted": "with the seen classes"}
+            "background_counted": "with the seen classes" if seen_background else "no"}
 
 
 def scores_to_labels(keys: np.ndarray, maps: np.ndarray, alpha: float = 1.0) -> np.ndarray:

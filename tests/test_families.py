@@ -138,6 +138,10 @@ def test_seen_unseen_arithmetic():
     assert z["unseen"] == pytest.approx(0.35)
     assert z["hiou"] == pytest.approx(2 * 0.8 * 0.35 / 1.15)
     assert seen_unseen({"background": 1.0, "a": 0.0}, ["a"])["hiou"] == 0.0
+    objects_only = seen_unseen(per, ["b", "d"], seen_background=False)   # ZegCLIP's VOC convention
+    assert objects_only["seen"] == pytest.approx(0.7) and objects_only["background_counted"] == "no"
+    assert np.isnan(seen_unseen({"background": 0.9, "a": 0.7, "b": None}, ["b"])["hiou"])  # unseen undefined
+    assert np.isnan(seen_unseen({"background": 0.9, "b": 0.5}, ["b"], seen_background=False)["seen"])
     with pytest.raises(DatasetError, match="valid: a"):
         seen_unseen({"background": 1.0, "a": 0.0}, ["zz"])
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The zero-shot grid of pipelines/toy/ZEROSHOT.md (issue 27): zegclip at its family defaults on
+# unseen pairs never tuned on, 2 seeds, 200 / 1000 / 2000 steps; the same family trained on every
+# class; the training-free clip baseline. Every cell 1 thread; JOBS cells at a time.
+#   bash pipelines/toy/zeroshot_grid.sh BASE_RUN OUT   (BASE_RUN: cam + refine with every label)
+set -euo pipefail
+base=${1:?usage: zeroshot_grid.sh BASE_RUN OUT}; out=${2:?usage: zeroshot_grid.sh BASE_RUN OUT}
+jobs=${JOBS:-2}; clipes=${CLIPES:-clipes}; export OMP_NUM_THREADS=1
+pairs=${PAIRS:-"ball,boat star,flower ring,kite"}; steps=${STEPS:-"2000 200 1000"}
+[ -d "$out" ] || cp -r "$base" "$out"
+cells=()
+for st in $steps; do for p in $pairs; do for seed in 0 1; do
+  cells+=("z_${p/,/_}_${st}_s$seed --arch zegclip --unseen $p --steps $st --seed $seed"); done; done
+  for seed in 0 1; do cells+=("zfull_${st}_s$seed --arch zegclip --steps $st --seed $seed"); done; done
+"$clipes" train --run "$out" --arch clip --name clipv --device cpu --threads 1 >/dev/null 2>&1 || true
+printf '%s\n' "${cells[@]}" | xargs -P "$jobs" -I{} bash -c \
+  'set -- {}; n=$1; shift; [ -f "'"$out"'/$n/model.pt" ] || "'"$clipes"'" train --run "'"$out"'" --name $n "$@" --device cpu --threads 1 > "'"$out"'/$n.log" 2>&1'
+for p in $pairs; do "$clipes" eval --run "$out" --unseen "$p" --json > "$out/eval_${p/,/_}.json"; done
