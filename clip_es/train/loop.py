@@ -432,9 +432,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
 
     run = RunDir(cfg.run)
     out = run.stage_dir(cfg.name)
-    if cfg.crop_size == AUTO_CROP and run.manifest_path.is_file():  # every rank reads the same headers
-        split = dataset_of_run(run)
-        cfg = replace(cfg, crop_size=auto_crop_size(split, split.ids()))
+    ds = dataset_of_run(run) if run.manifest_path.is_file() else None  # no manifest: _prepare says so
+    if cfg.crop_size == AUTO_CROP and ds is not None:  # every rank reads the same headers
+        cfg = replace(cfg, crop_size=auto_crop_size(ds, ds.ids()))
     payload: dict[str, Any] | None = None
     err: BaseException | None = None
     if info.main:
@@ -446,7 +446,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     if payload is None:
         payload = torch.load(out / "text.pt", map_location="cpu", weights_only=True)
 
-    ds = dataset_of_run(run)
+    ds = ds if ds is not None else dataset_of_run(run)
     labels = LabelSource(run, cfg.labels)
     ids = labels.available(ds, ds.ids())
     if not ids:
