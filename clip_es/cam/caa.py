@@ -44,7 +44,7 @@ def balance_affinity(attn: torch.Tensor, iters: int = 3) -> torch.Tensor:
     return (t @ t).to(attn.dtype)
 
 
-def box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
+def box_mask(cam: np.ndarray, threshold: float = 0.4, release: bool = False) -> np.ndarray:
     """Union of the filled bounding boxes of every contour of the thresholded CAM.
 
     A pixel belongs when ``cam >= threshold * cam.max()`` on the float map (compared in
@@ -55,13 +55,21 @@ def box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
     or bottom border (the CLIP-ES release clips the end to ``width - 1`` / ``height - 1``
     and so drops that row/column; see ``docs/cam.md`` for the measured effect).
 
+    ``release=True`` is the rule as the CLIP-ES and TagCLIP releases run it (TagCLIP's tagger
+    uses it, so its scores match the official code): the map quantised to uint8, a pixel
+    kept when strictly above ``int(threshold * max)``, outer contours, and each box's end
+    clipped to ``width - 1`` / ``height - 1``.
+
     Args:
         cam: ``(h, w)`` map in [0, 1].
         threshold: fraction of the map's maximum a pixel must reach.
+        release: the releases' rule (above) instead of this project's.
 
     Returns:
         ``(h, w)`` uint8 in {0, 1}.
     """
+    if release:
+        return _release_box_mask(cam, threshold)
     cam = np.asarray(cam, np.float64)
     peak = float(cam.max()) if cam.size else 0.0
     out = np.zeros(cam.shape, np.uint8)
@@ -72,6 +80,18 @@ def box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
         out[y:y + h, x:x + w] = 1
+    return out
+
+
+def _release_box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+    q = (np.asarray(cam, np.float32) * np.float32(255)).astype(np.uint8)
+    h, w = q.shape
+    out = np.zeros(q.shape, np.uint8)
+    binary = (q > int(np.float32(threshold) * np.float32(q.max() if q.size else 0))).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    for c in contours:
+        x, y, bw, bh = cv2.boundingRect(c)
+        out[y:min(y + bh, h - 1), x:min(x + bw, w - 1)] = 1
     return out
 
 
