@@ -12,7 +12,7 @@
 
 A :class:`Labeler` loads the CLIP and embeds the classes and background words once, then
 runs, per image, exactly what ``clipes label`` runs through its run folder: the zero-shot
-labels of :func:`~clip_es.model.zeroshot.class_probabilities` when none are given, the cam
+tags of the ``tagger`` (:mod:`clip_es.tag`: TagCLIP by default, or the global softmax) when none are given, the cam
 stage's :class:`~clip_es.cam.run.CamEngine` (GradCAM + CAA) and the refine stage's
 :func:`~clip_es.refine.run.refine_image` (dense CRF + the confidence rule). Nothing is
 written to disk.
@@ -36,6 +36,7 @@ from clip_es.data.base import ClassSpec
 from clip_es.data.image_io import as_rgb_image
 from clip_es.errors import ConfigError, LabelError
 from clip_es.model.zeroshot import ZERO_SHOT_THRESHOLD
+from clip_es.tag.registry import DEFAULT_TAGGER, check_tagger
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class PseudoMask:
             unsure (CRF confidence below ``conf``).
         crf: ``(H, W)`` uint8 CRF argmax without the 255 (``mask`` when ``crf=False``).
         confidence: ``(H, W)`` float32 ``max_c Q_c`` of the CRF, ``None`` when ``crf=False``.
-        probabilities: class name -> zero-shot probability (softmax over the classes) when
-            the labels were predicted, else ``None``.
+        probabilities: class name -> the tagger's score when the labels were predicted, else
+            ``None`` (``global``: the softmax probability over the classes; ``tagclip``: 0.5 x local
+            + 0.5 x crop score, as ``labels_zeroshot_scores.json`` holds them).
     """
 
     labels: list[str]
@@ -113,7 +115,7 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     refine_names = [f.name for f in fields(RefineConfig) if f.name not in _REFINE_SKIP]
     unknown = sorted(set(options) - set(cam_names) - set(refine_names))
     if unknown:
-        valid = ", ".join(sorted(set(cam_names) | set(refine_names) | {"threshold"}))
+        valid = ", ".join(sorted(set(cam_names) | set(refine_names) | {"threshold", "tagger"}))
         raise ConfigError(f"Labeler got unknown option(s) {', '.join(unknown)}; valid: {valid}")
     opts = {**LABEL_DEFAULTS, **options}
     cam = {k: v for k, v in opts.items() if k in cam_names}
@@ -135,8 +137,10 @@ class Labeler:
             ``classes[k - 1]``.
         model, pretrained: the CLIP, as :func:`clip_es.model.load_clip` takes them (default
             the bundled toy ``clipes-tiny``, which knows only the toy world's names).
-        threshold: zero-shot presence threshold (as ``clipes label --threshold``). Zero-shot
-            scores use the cam stage's class text (``templates``, ``fusion``), which at the
+        tagger: the zero-shot tagger for images given without labels (as ``clipes label
+            --tagger``): ``tagclip`` (default) or ``global``; its text is embedded once, on first use.
+        threshold: the ``global`` tagger's presence threshold (as ``clipes label --threshold``).
+            Its scores use the cam stage's class text (``templates``, ``fusion``), which at the
             defaults is what ``clipes label`` predicts with.
         clip: an already loaded :class:`~clip_es.model.resolve.ClipModel` to use instead.
         **options: any :class:`~clip_es.cam.run.CamConfig` or
@@ -150,13 +154,14 @@ class Labeler:
             ``crf_params``, ``pamr_params``, ``device`` (of a torch refinement method).
 
     Raises:
-        ConfigError: bad classes or options (before the CLIP is loaded).
+        ConfigError: bad classes or options (before the CLIP is loaded); an unknown ``tagger``
+            (:class:`~clip_es.errors.RegistryError`, listing the valid names).
         WeightsError, RegistryError: the CLIP cannot be resolved.
     """
 
     def __init__(self, classes: str | Sequence[str | ClassSpec], model: str = "clipes-tiny",
-                 pretrained: str | None = None, *, threshold: float = ZERO_SHOT_THRESHOLD, clip=None,
-                 **options: Any):
+                 pretrained: str | None = None, *, tagger: str = DEFAULT_TAGGER,
+                 threshold: float = ZERO_SHOT_THRESHOLD, clip=None, **options: Any):
         from clip_es.cam.run import CamConfig, build_engine
         from clip_es.refine.run import RefineConfig
         from clip_es.threads import use_threads
@@ -165,6 +170,8 @@ class Labeler:
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
+        self.tagger_name = check_tagger(tagger)
+        self._tagger = None
         cam, refine = split_options(options)
         # no dataset and no run folder: the engine reads none of those fields
         self.cam_config = CamConfig(dataset="memory", root="", split="", out="", model=model, pretrained=pretrained,
@@ -173,6 +180,20 @@ class Labeler:
         self._refine_device = self.refine_config.refine_device()
         with use_threads(self.cam_config.threads):
             self.engine = build_engine(self.cam_config, self.classes, clip)
+
+    @property
+    def tagger(self):
+        """The zero-shot tagger (built, and its text embedded, on first use)."""
+        if self._tagger is None:
+            from clip_es.data.classes import background_words
+            from clip_es.tag.registry import build_tagger
+
+            cfg = self.cam_config
+            self._tagger = build_tagger(self.tagger_name, self.clip, self.classes, templates=cfg.templates,
+                                        background=background_words(cfg.background), threshold=self.threshold,
+                                        max_side=cfg.max_side, fusion=cfg.fusion, pooling=cfg.pooling,
+                                        text=self.engine.class_text)
+        return self._tagger
 
     @property
     def clip(self):
@@ -185,7 +206,7 @@ class Labeler:
         return [c.name for c in self.classes]
 
     def __repr__(self) -> str:
-        return (f"Labeler(classes={self.names}, model={self.clip.name!r}, background="
+        return (f"Labeler(classes={self.names}, model={self.clip.name!r}, tagger={self.tagger_name!r}, background="
                 f"{self.cam_config.background!r}, precision={self.engine.precision!r})")
 
     def keys_for(self, labels: str | Sequence[str], what: str = "labels") -> list[int]:
@@ -256,7 +277,6 @@ class Labeler:
 
     def _label_chunk(self, chunk: list[tuple[np.ndarray, list[int] | None]]) -> list[PseudoMask]:
         from clip_es.cam.store import upsample
-        from clip_es.model.zeroshot import class_probabilities, multilabel_from_probabilities
         from clip_es.refine.run import refine_image
 
         cfg, rcfg, names = self.cam_config, self.refine_config, self.names
@@ -265,8 +285,8 @@ class Labeler:
         for image, keys in chunk:
             p = None
             if keys is None:
-                p = class_probabilities(self.clip, image, self.engine.class_text, cfg.max_side, cfg.pooling)
-                keys = list(multilabel_from_probabilities(p, self.threshold))
+                tagged = self.tagger.tag(image)
+                p, keys = tagged.scores, list(tagged.keys)
             probs.append(p)
             items.append(self.engine.prepare(image, keys=keys))
         maps: list[Any] = [None] * len(items)

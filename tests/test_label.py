@@ -42,7 +42,8 @@ def test_multilabel_rule():
 
 def test_zero_shot_labels_then_corrected_labels(photos, tmp_path, tiny_clip_path):
     out = tmp_path / "out"
-    res = label_folder(_cfg(photos, out, tiny_clip_path, classes=CLASSES, threshold=0.2), progress=False)
+    res = label_folder(_cfg(photos, out, tiny_clip_path, classes=CLASSES, threshold=0.2, tagger="global"),
+                       progress=False)
     stems = sorted(n.rsplit(".", 1)[0] for n in NAMES)
     assert res.ok and res.labels_source == "zero-shot" and res.images == 4
     assert res.cam.done == 4 and res.refine.done == 4
@@ -70,7 +71,8 @@ def test_zero_shot_labels_then_corrected_labels(photos, tmp_path, tiny_clip_path
     assert "masks (COCO)" in res.summary() and str(out / "labels_zeroshot.csv") in res.summary()
 
     # the same command again: nothing to do
-    again = label_folder(_cfg(photos, out, tiny_clip_path, classes=CLASSES, threshold=0.2), progress=False)
+    again = label_folder(_cfg(photos, out, tiny_clip_path, classes=CLASSES, threshold=0.2, tagger="global"),
+                         progress=False)
     assert again.cam.done == 0 and again.cam.skipped == 4 and not again.recomputed
 
     # the user corrects one image's labels and passes the file back: only that image is recomputed
