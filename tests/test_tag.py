@@ -1,0 +1,162 @@
+"""Zero-shot taggers (clip_es/tag): TagCLIP's local-to-global rule, the registry, the CLI choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clip_es.cam.caa import box_mask
+from clip_es.data.base import ClassSpec
+from clip_es.errors import ConfigError, RegistryError
+from clip_es.tag.base import relative_tags
+from clip_es.tag.registry import DEFAULT_TAGGER, TAGGERS, build_tagger
+from clip_es.tag.tagclip import crop_box, tagclip_scores
+from tests.conftest import run_cli
+
+CLASSES = "ball,star,heart,ring,boat,kite,flower,fish"
+
+
+def test_relative_rule():
+    assert relative_tags(np.array([0.1, 0.9, 0.6, 0.4])) == (1, 2)  # above 0.1 + 0.5 * 0.8 = 0.5
+    assert relative_tags(np.array([0.3, 0.3])) == (0,)  # nothing above the middle: the argmax alone
+    assert relative_tags(np.array([0.1, 0.9, 0.6, 0.4]), 0.7) == (1,)
+
+
+def test_release_box_rule():
+    m = np.zeros((5, 6))
+    m[1:3, 2:6] = 1.0  # touches the right border
+    ours = box_mask(m, 0.5)
+    rel = box_mask(m, 0.5, release=True)
+    assert ours[1:3, 2:6].all() and ours.sum() == 8
+    assert rel[1:3, 2:5].all() and rel.sum() == 6  # the release drops the last column
+    # uint8 quantisation: 0.502 * 255 = 128 > int(0.5 * 255) = 127 passes, 0.499 -> 127 does not
+    q = np.array([[1.0, 0.502, 0.499, 0.0, 0.0], [0.0] * 5])
+    assert box_mask(q, 0.5, release=True).tolist() == [[1, 1, 0, 0, 0], [0] * 5]
+    assert crop_box(np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], float)) == (1, 2, 1, 2)
+    assert crop_box(np.zeros((3, 3))) is None
+    assert crop_box(np.array([[0, 0, 1]], float)) is None  # clipped to nothing: the release stops CWR
+
+
+def test_small_object_beside_large_found_locally_not_globally():
+    """Toy scene (world 77, #18): a ball covering 12 % of the image and a flower covering 2 %.
+
+    The global softmax gives the flower 0.9 % (dominated by the ball); TagCLIP's per-patch
+    scores give it 0.84 locally and tag both.
+    """
+    from clip_es.data.classes import background_words
+    from clip_es.data.toy import TOY_CLASSES, scene_for
+    from clip_es.model.resolve import load_clip
+
+    scene = scene_for(77, 18)
+    ball, flower = TOY_CLASSES.index("ball"), TOY_CLASSES.index("flower")
+    assert sorted(c - 1 for c in scene.labels) == [ball, flower]
+    assert (scene.mask == flower + 1).mean() < 0.03 < 0.1 < (scene.mask == ball + 1).mean()
+    clip = load_clip("clipes-tiny", device="cpu")
+    classes = [ClassSpec(c) for c in TOY_CLASSES]
+    g = build_tagger("global", clip, classes, templates=("a clean origami {}.",)).tag(scene.image)
+    t = build_tagger("tagclip", clip, classes, templates=("a clean origami {}.",),
+                     background=background_words("voc")).tag(scene.image)
+    assert g.keys == (ball,) and g.scores[flower] < 0.05
+    assert t.keys == (ball, flower)
+    assert t.parts["local"][flower] > 0.5 > 10 * g.scores[flower]
+
+
+def test_tagclip_scores_invariants(tiny_clip):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 48, 80)
+    x0 = x.clone()
+    text = torch.nn.functional.normalize(torch.randn(7, tiny_clip.model.text_projection.shape[1]), dim=-1)
+    s, local, crop = tagclip_scores(tiny_clip.visual, x, text, 4, tiny_clip.logit_scale)
+    assert torch.equal(x, x0)  # the input is not changed
+    assert s.shape == local.shape == crop.shape == (4,)
+    assert np.isfinite(s).all() and np.isfinite(local).all() and (s >= 0).all() and (s <= 1).all()
+    looked = ~np.isnan(crop)
+    assert np.allclose(s[looked], 0.5 * local[looked] + 0.5 * crop[looked], atol=1e-6)
+    assert np.array_equal(s[~looked], local[~looked])
+    again = tagclip_scores(tiny_clip.visual, x, text, 4, tiny_clip.logit_scale)
+    assert np.array_equal(again[0], s)  # deterministic
+
+
+def test_registry_lists_valid_names(tiny_clip):
+    assert DEFAULT_TAGGER in TAGGERS and set(TAGGERS) == {"tagclip", "global"}
+    with pytest.raises(RegistryError, match="unknown tagger 'nope'; valid: global, tagclip"):
+        build_tagger("nope", tiny_clip, [ClassSpec("ball")], templates=("a {}.",))
+    from clip_es.label import LabelConfig
+    from clip_es.labeler import Labeler
+
+    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+        LabelConfig(images=".", out="o", classes="a", tagger="nope").validate()
+    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+        Labeler(["ball"], model="no-such-model", tagger="nope")  # refused before any CLIP is loaded
+
+
+@pytest.fixture
+def photos(toy_root, tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted((toy_root / "JPEGImages").glob("*.jpg"))[:3]:
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
+def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
+    base = ["label", str(photos), "--classes", CLASSES, "--model", str(tiny_clip_path), "--device", "cpu",
+            "--workers", "1", "--threads", "1"]
+    assert run_cli([*base, "--out", str(tmp_path / "g"), "--tagger", "global"]) == 0
+    g = json.loads((tmp_path / "g" / "labels_zeroshot_scores.json").read_text())
+    assert g["tagger"] == "global" and "local" not in g and not (tmp_path / "g" / "tag_text.npz").exists()
+    assert run_cli([*base, "--out", str(tmp_path / "t")]) == 0  # the default
+    t = json.loads((tmp_path / "t" / "labels_zeroshot_scores.json").read_text())
+    assert t["tagger"] == DEFAULT_TAGGER == "tagclip"
+    assert set(t["local"]) == set(t["crop"]) == set(t["images"]) and len(t["images"]) == 3
+    for i, sc in t["images"].items():
+        for name, v in sc.items():
+            c = t["crop"][i][name]
+            want = t["local"][i][name] if c is None else 0.5 * t["local"][i][name] + 0.5 * c
+            assert v == pytest.approx(want, abs=2e-6)
+    assert (tmp_path / "t" / "tag_text.npz").is_file()
+    assert "tagger tagclip" in (tmp_path / "t" / "labels_zeroshot.csv").read_text()
+    capsys.readouterr()
+    assert run_cli([*base, "--out", str(tmp_path / "x"), "--tagger", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tagger 'nope'; valid: global, tagclip" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_text_cache_reused_and_keyed(tiny_clip, tmp_path):
+    from clip_es.tag.text import tag_text
+
+    cls = [ClassSpec("ball"), ClassSpec("star")]
+    a, ia = tag_text(tiny_clip, cls, ["sky"], ("a {}.", "the {}."), cache_dir=tmp_path)
+    b, ib = tag_text(tiny_clip, cls, ["sky"], ("a {}.", "the {}."), cache_dir=tmp_path)
+    assert not ia["cached"] and ib["cached"] and torch.equal(a, b) and a.shape[0] == 3
+    c, ic = tag_text(tiny_clip, cls, ["grass"], ("a {}.", "the {}."), cache_dir=tmp_path)
+    assert not ic["cached"] and not torch.equal(a, c)  # other texts: recomputed
+
+
+def test_tags_cli_scores_against_truth(toy_root, tmp_path, tiny_clip_path, capsys):
+    from clip_es.data.registry import open_dataset
+    from clip_es.model.zeroshot import mean_average_precision
+
+    out = tmp_path / "tags"
+    assert run_cli(["tags", "--dataset", "toy", "--root", str(toy_root), "--split", "train", "--out", str(out),
+                    "--model", str(tiny_clip_path), "--device", "cpu", "--threads", "1", "--tagger", "global"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "tags_metrics.json").read_text())
+    assert "mAP" in printed and m["images"] == 9 and m["tagger"] == "global"
+    scores = json.loads((out / "tags_scores.json").read_text())["images"]
+    ds = open_dataset("toy", toy_root, "train")
+    gts = np.zeros((9, 8))
+    for r, i in enumerate(ds.ids()):
+        gts[r, list(ds.labels(i))] = 1
+    want, _ = mean_average_precision(np.array([list(scores[i].values()) for i in ds.ids()]), gts)
+    assert m["map"] == pytest.approx(want, abs=1e-5)
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    # the tags file is a labels file clipes label reads
+    assert (out / "tags.csv").read_text().splitlines()[1] == "image,labels"
+    assert run_cli(["tags", str(tmp_path), "--out", str(out)]) == 2  # folder without a class list
