@@ -305,6 +305,26 @@ def _forget(run: Path, image_id: str) -> None:
         p.unlink(missing_ok=True)
 
 
+def write_zero_shot_files(out: Path, found: list[tuple[str, Path]], table: dict[str, list[str]], results: dict,
+                          names: list[str], tagger: str, threshold: float, model_name: str, header: str) -> None:
+    """Write ``OUT/labels_zeroshot.csv`` (every image of ``table``) and update the scores file with ``results``.
+
+    The scores file keeps what earlier runs wrote for other images: ``images`` (each class's
+    score), for TagCLIP ``local`` and ``crop`` (``null`` where CWR did not look), and the rule.
+    """
+    scores_path = out / ZERO_SHOT_SCORES
+    scores = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
+    scores.setdefault("images", {}).update({i: _rounded(r.scores, names) for i, r in results.items()})
+    for part in sorted({p for r in results.values() for p in r.parts}):  # TagCLIP: local, crop
+        scores.setdefault(part, {}).update({i: _rounded(r.parts[part], names) for i, r in results.items()
+                                            if part in r.parts})
+    scores.update({"tagger": tagger, "threshold": threshold, "model": model_name, "rule": _RULES[tagger]})
+    file_of = {i: p.name for i, p in found}
+    rows = [(file_of.get(i, i), table[i]) for i in sorted(table, key=lambda i: file_of.get(i, i))]
+    atomic_write_bytes(out / ZERO_SHOT_LABELS, _labels_csv(rows, header))
+    atomic_write_bytes(scores_path, json.dumps(scores, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
 #: The tag rule of each tagger, as the scores file states it.
 _RULES = {"global": "softmax over the classes; a class is kept when its probability >= threshold, the most likely "
                     "class always",
@@ -389,22 +409,14 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
             left_out.update(failed)
             for i, ks in pred.items():
                 table[i] = [names[k] for k in ks]
-            scores.setdefault("images", {}).update({i: _rounded(results[i].scores, names) for i in pred})
-            for part in sorted({p for r in results.values() for p in r.parts}):  # TagCLIP: local, crop
-                scores.setdefault(part, {}).update({i: _rounded(r.parts[part], names) for i, r in results.items()
-                                                    if part in r.parts})
-            scores.update({"tagger": cfg.tagger, "threshold": cfg.threshold,
-                           "model": clip.describe().get("name", cfg.model), "rule": _RULES[cfg.tagger]})
-            file_of = {i: p.name for i, p in found}
-            rows = [(file_of.get(i, i), table[i]) for i in sorted(table, key=lambda i: file_of.get(i, i))]
             how = f"threshold {cfg.threshold}" if cfg.tagger == "global" else "relative rule"
-            header = (f"Labels predicted by CLIP ({scores['model']}, zero-shot, tagger {cfg.tagger}, {how}).\n"
+            model_name = clip.describe().get("name", cfg.model)
+            header = (f"Labels predicted by CLIP ({model_name}, zero-shot, tagger {cfg.tagger}, {how}).\n"
                       f"Review and correct them, then run: clipes label {shlex.quote(str(cfg.images))} "
                       f"{_class_option(cfg)} --labels {shlex.quote(str(labels_file))} "
                       f"--out {shlex.quote(str(cfg.out))}\n"
                       f"Scores per class: {scores_path.name}")
-            atomic_write_bytes(labels_file, _labels_csv(rows, header))
-            atomic_write_bytes(scores_path, json.dumps(scores, indent=1, ensure_ascii=False).encode("utf-8"))
+            write_zero_shot_files(out, found, table, results, names, cfg.tagger, cfg.threshold, model_name, header)
     # images whose labels differ from the ones their outputs were made with are computed again
     before = (old or {}).get("labels", {})
     recomputed = sorted(i for i in before if table.get(i) != before[i])

@@ -7,8 +7,11 @@ relative to the recipe, ``eval_split``), ``[model]`` (``model``, ``pretrained``)
 one section per stage whose keys are the fields of that stage's config dataclass
 (``[cam]`` -> :class:`~clip_es.cam.run.CamConfig`, ``[refine]`` (+ ``[refine.crf]``) ->
 :class:`~clip_es.refine.run.RefineConfig`, ``[train]`` -> :class:`~clip_es.train.loop.TrainConfig`,
-``[eval]`` -> :class:`~clip_es.evaluate.EvalOptions`). Unknown keys are refused with the
-list of valid ones. Stages run in the order cam, refine, train, eval; a stage missing
+``[eval]`` -> :class:`~clip_es.evaluate.EvalOptions`). A folder dataset without labels takes
+a ``[label]`` section (:class:`~clip_es.tag.run.LabelStageConfig`: ``tagger``, ``threshold``,
+``background``, ``max_side``, ``device``, ``threads``): its images are tagged zero-shot into
+``OUT/labels_zeroshot.csv`` and the cam stage reads its labels from there. Unknown keys are
+refused with the list of valid ones. Stages run in the order label, cam, refine, train, eval; a stage missing
 from the recipe is not run. Every stage resumes: work already in the run folder (same
 parameters) is skipped, so re-running a recipe after an interruption continues it.
 """
@@ -26,7 +29,7 @@ from clip_es.errors import ClipEsError, ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("cam", "refine", "train", "eval")
+STAGE_ORDER = ("label", "cam", "refine", "train", "eval")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -61,7 +64,9 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 DATASET_KEYS = ("kind", "split", "class_file", "eval_split")
 MODEL_KEYS = ("model", "pretrained")
 #: Config fields a recipe section does not set (``clipes run`` fills them from --root/--out/[dataset]).
-_NOT_SETTABLE = {"cam": {"dataset", "root", "split", "out", "class_file"}, "refine": {"run", "crf_params", "pamr_params"},
+_NOT_SETTABLE = {"label": {"root", "out", "class_file", "model", "pretrained", "templates"},
+                 "cam": {"dataset", "root", "split", "out", "class_file"},
+                 "refine": {"run", "crf_params", "pamr_params"},
                  "train": {"run"}}
 
 
@@ -79,6 +84,8 @@ def _section_fields(section: str) -> dict[str, str]:
         from clip_es.refine.crf import CrfParams as cls
     elif section == "train":
         from clip_es.train.loop import TrainConfig as cls
+    elif section == "label":
+        from clip_es.tag.run import LabelStageConfig as cls
     elif section == "eval":
         from clip_es.evaluate import EvalOptions as cls
     else:
@@ -188,6 +195,28 @@ def stage_configs(recipe: dict[str, Any], root: str | Path, out: str | Path) -> 
                           "valid: kind, split, class_file, eval_split")
     model = dict(recipe.get("model", {}))
     out_cfgs: dict[str, Any] = {}
+    if "label" in recipe:
+        from clip_es.tag.run import LabelStageConfig
+
+        if base["dataset"] != "folder":
+            raise ConfigError(f"recipe: a [label] stage tags a folder of images; [dataset] kind is "
+                              f"{base['dataset']!r} (use kind = \"folder\", or drop [label]: {base['dataset']} "
+                              "brings its own labels)")
+        sec = dict(recipe["label"])
+        bad = sorted(set(sec) & _NOT_SETTABLE["label"])
+        if bad:
+            raise ConfigError(f"recipe section [label]: {', '.join(bad)} come from [dataset], [model] and [cam]")
+        cam_sec = recipe.get("cam", {})
+        extra = {k: tuple(cam_sec[k]) for k in ("templates",) if k in cam_sec}
+        if "background" in cam_sec and "background" not in sec:
+            sec["background"] = cam_sec["background"]
+        for k in ("device", "threads", "max_side"):
+            if k in cam_sec and k not in sec:
+                sec[k] = cam_sec[k]
+        out_cfgs["label"] = _build(LabelStageConfig, {"root": str(root), "out": str(out),
+                                                      "class_file": base["class_file"], **model, **extra, **sec},
+                                   "label")
+        base["split"] = str(out_cfgs["label"].labels_file.resolve())  # the cam stage reads the guessed labels
     if "cam" in recipe:
         from clip_es.cam.run import CamConfig
 
@@ -288,6 +317,12 @@ def run_recipe(recipe: dict[str, Any], root: str | Path, out: str | Path, progre
     return results
 
 
+def _run_label(cfg, progress):
+    from clip_es.tag.run import label_stage
+
+    return label_stage(cfg, progress=progress)
+
+
 def _run_cam(cfg, progress):
     from clip_es.cam.run import generate_cams
 
@@ -310,4 +345,5 @@ def _run_train(cfg, progress):
 
 
 #: Stage name -> runner ``(config, progress) -> result``.
-_RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"cam": _run_cam, "refine": _run_refine, "train": _run_train}
+_RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"label": _run_label, "cam": _run_cam, "refine": _run_refine,
+                                                   "train": _run_train}

@@ -359,7 +359,8 @@ def test_run_set_overrides_a_recipe(toy_root, tmp_path, tiny_clip_path, capsys):
     ("cam.modle=ViT-B-16", "--set cam.modle: unknown key 'modle' in [cam]; valid: "),
     ("cam.caa_threshold=abc", "--set cam.caa_threshold: expects a number, got 'abc'"),
     ("train.steps=1.5", "--set train.steps: expects a whole number or none, got '1.5'"),
-    ("camm.model=x", "--set camm.model: unknown section 'camm'; valid: dataset, model, cam, refine, train, eval"),
+    ("camm.model=x",
+     "--set camm.model: unknown section 'camm'; valid: dataset, model, label, cam, refine, train, eval"),
     ("cam.model", "--set 'cam.model': expected SECTION.KEY=VALUE"),
     ("refine.crf.sxy=3", "unknown key 'sxy' in [refine.crf]; valid: bi_compat, bi_srgb, bi_sxy,"),
 ])

@@ -160,3 +160,23 @@ def test_tags_cli_scores_against_truth(toy_root, tmp_path, tiny_clip_path, capsy
     # the tags file is a labels file clipes label reads
     assert (out / "tags.csv").read_text().splitlines()[1] == "image,labels"
     assert run_cli(["tags", str(tmp_path), "--out", str(out)]) == 2  # folder without a class list
+
+
+def test_recipe_label_stage_tags_a_folder_then_cam_reads_it(photos, tmp_path, tiny_clip_path):
+    from clip_es.recipe import run_recipe, stage_configs
+
+    (photos / "classes.txt").write_text(CLASSES.replace(",", "\n") + "\n")
+    recipe = {"dataset": {"kind": "folder"}, "model": {"model": str(tiny_clip_path)},
+              "label": {"tagger": "tagclip"}, "cam": {"device": "cpu", "threads": 1}}
+    out = tmp_path / "run"
+    res = run_recipe(recipe, photos, out, progress=False)
+    assert res["label"].done == 3 and res["cam"].done == 3
+    scores = json.loads((out / "labels_zeroshot_scores.json").read_text())
+    assert scores["tagger"] == "tagclip" and len(scores["local"]) == 3
+    assert stage_configs(recipe, photos, out)["cam"].split == str((out / "labels_zeroshot.csv").resolve())
+    again = run_recipe(recipe, photos, out, progress=False)
+    assert again["label"].done == 0 and again["label"].skipped == 3 and again["cam"].done == 0
+    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+        stage_configs({**recipe, "label": {"tagger": "nope"}}, photos, out)["label"].validate()
+    with pytest.raises(ConfigError, match="tags a folder of images"):
+        stage_configs({**recipe, "dataset": {"kind": "toy"}}, photos, out)

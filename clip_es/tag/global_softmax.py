@@ -15,7 +15,8 @@ from clip_es.tag.base import TagResult
 
 
 class GlobalTagger:
-    """:func:`~clip_es.model.zeroshot.class_probabilities` + :func:`~clip_es.model.zeroshot.multilabel_from_probabilities`.
+    """:func:`~clip_es.model.zeroshot.class_probabilities`, then
+    :func:`~clip_es.model.zeroshot.multilabel_from_probabilities`.
 
     Args:
         clip: a loaded :class:`~clip_es.model.resolve.ClipModel`.

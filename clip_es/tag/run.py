@@ -225,3 +225,90 @@ def tag_images(cfg: TagsConfig, clip=None, progress: bool = True) -> TagsResult:
                                                "images_per_second": res.images_per_second,
                                                "text_seconds": res.text_seconds, "config": asdict(cfg)})
     return res
+
+
+# ----------------------------------------------------------------------------- the recipes' [label] stage
+@dataclass(frozen=True)
+class LabelStageConfig:
+    """The ``[label]`` stage of a recipe: zero-shot labels for a folder dataset that has none.
+
+    The images of ROOT (``images/`` when present) are tagged into ``OUT/labels_zeroshot.csv``
+    (with ``labels_zeroshot_scores.json`` and the cached text embeddings), and the ``[cam]``
+    stage reads its labels from that file. Re-running tags only images not yet in the file.
+
+    Attributes:
+        root, out: the dataset root and the run folder (set by ``clipes run``).
+        class_file: the class file (default ``ROOT/classes.txt``).
+        tagger, threshold, background, max_side: as ``clipes label``.
+        model, pretrained, templates, device, threads: from ``[model]`` / ``[cam]``.
+    """
+
+    root: str
+    out: str
+    class_file: str | None = None
+    tagger: str = DEFAULT_TAGGER
+    threshold: float = ZERO_SHOT_THRESHOLD
+    background: str = "voc"
+    max_side: int | None = 1024
+    model: str = "clipes-tiny"
+    pretrained: str | None = None
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    device: str = "auto"
+    threads: int | None = None
+
+    def validate(self) -> "LabelStageConfig":
+        check_tagger(self.tagger)
+        check_templates(self.templates)
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"[label] threshold must be in (0, 1], got {self.threshold}")
+        return self
+
+    @property
+    def labels_file(self) -> Path:
+        """Where the stage writes the labels the cam stage reads."""
+        from clip_es.label import ZERO_SHOT_LABELS
+
+        return Path(self.out) / ZERO_SHOT_LABELS
+
+
+def label_stage(cfg: LabelStageConfig, clip=None, progress: bool = True):
+    """Run the ``[label]`` stage; a :class:`~clip_es.stage.StageResult` (``done``: images tagged now).
+
+    Raises:
+        ConfigError: bad options; DatasetError: no images or a malformed class file.
+    """
+    from clip_es.data.base import read_class_file
+    from clip_es.data.folder import scan_images
+    from clip_es.label import _read_labels, write_zero_shot_files
+    from clip_es.model.resolve import load_clip
+    from clip_es.stage import StageResult, resolve_device
+    from clip_es.threads import use_threads
+
+    cfg = cfg.validate()
+    root = Path(cfg.root)
+    class_file = Path(cfg.class_file) if cfg.class_file else root / "classes.txt"
+    classes = read_class_file(class_file)
+    images_dir = root / "images" if (root / "images").is_dir() else root
+    found, _ = scan_images(images_dir)
+    if not found:
+        raise DatasetError(f"{images_dir} holds no images (.jpg .jpeg .png .bmp .webp) for the [label] stage")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _read_labels(root, cfg.labels_file, class_file) if cfg.labels_file.is_file() else {}
+    todo = [(i, p) for i, p in found if i not in table]
+    res = StageResult("label", str(out), skipped=len(found) - len(todo))
+    if not todo:
+        return res
+    from clip_es.label import predict_tags
+
+    with use_threads(cfg.threads):
+        clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
+        pred, results, failed = predict_tags(clip, todo, classes, cfg.tagger, cfg.templates, cfg.threshold,
+                                             cfg.max_side, cfg.background, out, progress)
+    names = [c.name for c in classes]
+    table.update({i: [names[k] for k in ks] for i, ks in pred.items()})
+    header = (f"Labels predicted by CLIP ({clip.name}, zero-shot, tagger {cfg.tagger}) for the recipe's "
+              f"[label] stage.\nThe cam stage reads them from here.")
+    write_zero_shot_files(out, found, table, results, names, cfg.tagger, cfg.threshold, clip.name, header)
+    res.done, res.failed = len(pred), failed
+    return res
