@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "segment": "clip_es.train.segment",
     "LabelConfig": "clip_es.label",
     "label_folder": "clip_es.label",
+    "TagsConfig": "clip_es.tag.run",
+    "tag_images": "clip_es.tag.run",
     "export_run": "clip_es.export",
     "EvalOptions": "clip_es.evaluate",
     "evaluate_run": "clip_es.evaluate",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from clip_es.model.resolve import load_clip
     from clip_es.refine.run import RefineConfig, refine_masks
     from clip_es.segmenter import Segmenter
+    from clip_es.tag.run import TagsConfig, tag_images
     from clip_es.train.loop import TrainConfig, train_segmenter
     from clip_es.train.segment import SegmentConfig, segment
 

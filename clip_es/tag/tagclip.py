@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_es.cam.caa import box_mask
+from clip_es.errors import ConfigError
 from clip_es.cam.gradcam import minmax
 from clip_es.model.dense import block_forward, embed, explicit_attention, split_heads
 from clip_es.tag.base import TagResult, relative_tags
@@ -149,7 +150,8 @@ def dmar_attention(visual: nn.Module, x: torch.Tensor, opts: TagClipOptions = Ta
         if first <= i < depth - 1:
             total = p.clone() if total is None else total + p
     if total is None:
-        raise ValueError(f"a {depth}-block ViT has no {opts.attn_blocks} blocks before its last one")
+        raise ConfigError(f"TagCLIP needs a ViT with at least 2 blocks (attention before the last one); this one "
+                          f"has {depth}")
     attn = total / min(opts.attn_blocks, depth - 1) * (count >= votes).float()
     return tokens, attn, grid
 

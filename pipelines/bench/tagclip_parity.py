@@ -165,11 +165,12 @@ def main() -> None:
     clip = load_clip(str(weights), device="cpu")
     tagger = build_tagger("tagclip", clip, [ClassSpec(c) for c in classes], templates=("{}",),
                           background=background, max_side=None, tag_templates=IMAGENET_TEMPLATES)
-    ours, our_tags = [], {}
+    ours, our_tags, crops = [], {}, {}
     for n in names:
         res = tagger.tag(np.array(Image.open(img_dir / n).convert("RGB")))
         ours.append(res.scores)
         our_tags[n[:-4]] = sorted(res.keys)
+        crops[n] = [classes[k] for k in np.flatnonzero(~np.isnan(res.parts["crop"]))]
     ours = np.stack(ours)
     diff = float(np.abs(ours - off_scores).max())
     agree = sum(off_tags[k] == our_tags[k] for k in our_tags)
@@ -183,7 +184,8 @@ def main() -> None:
           f"background {background}, 85 templates")
     for n, o, s in zip(names, off_scores, ours):
         print(f"  {n}: official {np.round(o, 6).tolist()} tags {off_tags[n[:-4]]}")
-        print(f"  {' ' * len(n)}  ours     {np.round(s, 6).tolist()} tags {our_tags[n[:-4]]}")
+        print(f"  {' ' * len(n)}  ours     {np.round(s, 6).tolist()} tags {our_tags[n[:-4]]}  "
+              f"(CWR crops: {', '.join(crops[n]) or 'none'})")
     print(f"max |score difference| {diff:.3g}  (tolerance 1e-4)")
     print(f"tags identical on {agree}/{len(names)} images")
     ok = diff <= 1e-4 and agree == len(names)
