@@ -120,8 +120,19 @@ def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
             want = t["local"][i][name] if c is None else 0.5 * t["local"][i][name] + 0.5 * c
             assert v == pytest.approx(want, abs=2e-6)
     assert (tmp_path / "t" / "tag_text.npz").is_file()
-    assert "tagger tagclip" in (tmp_path / "t" / "labels_zeroshot.csv").read_text()
+    text = (tmp_path / "t" / "labels_zeroshot.csv").read_text()
+    assert "tagger tagclip" in text
+    # a corrected labels file: only the changed image is computed again
+    rows = text.splitlines()
+    first = next(k for k, ln in enumerate(rows) if ln.endswith(".jpg") or ".jpg," in ln)
+    name, old = rows[first].split(",", 1)
+    rows[first] = f"{name},{'star' if old != 'star' else 'ball'}"
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text("\n".join(rows) + "\n")
     capsys.readouterr()
+    assert run_cli([*base, "--out", str(tmp_path / "t"), "--labels", str(fixed)]) == 0
+    printed = capsys.readouterr().out
+    assert "labels changed for 1 image(s)" in printed and "cam: 1 done" in printed, printed
     assert run_cli([*base, "--out", str(tmp_path / "x"), "--tagger", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown tagger 'nope'; valid: global, tagclip" in err and len(err.strip().splitlines()) == 1
