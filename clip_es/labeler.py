@@ -12,7 +12,7 @@
 
 A :class:`Labeler` loads the CLIP and embeds the classes and background words once, then
 runs, per image, exactly what ``clipes label`` runs through its run folder: the zero-shot
-tags of the ``tagger`` (:mod:`clip_es.tag`: TagCLIP by default, or the global softmax) when none are given, the cam
+tags of the ``tagger`` (:mod:`clip_es.tag`: the global softmax by default, or TagCLIP) when none are given, the cam
 stage's :class:`~clip_es.cam.run.CamEngine` (GradCAM + CAA) and the refine stage's
 :func:`~clip_es.refine.run.refine_image` (dense CRF + the confidence rule). Nothing is
 written to disk.
@@ -138,7 +138,7 @@ class Labeler:
         model, pretrained: the CLIP, as :func:`clip_es.model.load_clip` takes them (default
             the bundled toy ``clipes-tiny``, which knows only the toy world's names).
         tagger: the zero-shot tagger for images given without labels (as ``clipes label
-            --tagger``): ``tagclip`` (default) or ``global``; its text is embedded once, on first use.
+            --tagger``): ``global`` (default) or ``tagclip``; its text is embedded once, on first use.
         threshold: the ``global`` tagger's presence threshold (as ``clipes label --threshold``).
             Its scores use the cam stage's class text (``templates``, ``fusion``), which at the
             defaults is what ``clipes label`` predicts with.

@@ -107,12 +107,13 @@ def photos(toy_root, tmp_path) -> Path:
 def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
     base = ["label", str(photos), "--classes", CLASSES, "--model", str(tiny_clip_path), "--device", "cpu",
             "--workers", "1", "--threads", "1"]
-    assert run_cli([*base, "--out", str(tmp_path / "g"), "--tagger", "global"]) == 0
+    assert run_cli([*base, "--out", str(tmp_path / "g")]) == 0  # the default
     g = json.loads((tmp_path / "g" / "labels_zeroshot_scores.json").read_text())
-    assert g["tagger"] == "global" and "local" not in g and not (tmp_path / "g" / "tag_text.npz").exists()
-    assert run_cli([*base, "--out", str(tmp_path / "t")]) == 0  # the default
+    assert g["tagger"] == DEFAULT_TAGGER == "global"
+    assert "local" not in g and not (tmp_path / "g" / "tag_text.npz").exists()
+    assert run_cli([*base, "--out", str(tmp_path / "t"), "--tagger", "tagclip"]) == 0
     t = json.loads((tmp_path / "t" / "labels_zeroshot_scores.json").read_text())
-    assert t["tagger"] == DEFAULT_TAGGER == "tagclip"
+    assert t["tagger"] == "tagclip"
     assert set(t["local"]) == set(t["crop"]) == set(t["images"]) and len(t["images"]) == 3
     for i, sc in t["images"].items():
         for name, v in sc.items():
@@ -130,13 +131,31 @@ def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
     fixed = tmp_path / "fixed.csv"
     fixed.write_text("\n".join(rows) + "\n")
     capsys.readouterr()
-    assert run_cli([*base, "--out", str(tmp_path / "t"), "--labels", str(fixed)]) == 0
+    assert run_cli([*base, "--out", str(tmp_path / "t"), "--tagger", "tagclip", "--labels", str(fixed)]) == 0
     printed = capsys.readouterr().out
     assert "labels changed for 1 image(s)" in printed and "cam: 1 done" in printed, printed
     assert run_cli([*base, "--out", str(tmp_path / "x"), "--tagger", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown tagger 'nope'; valid: global, tagclip" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_labeler_tagclip_equals_label_command(photos, tmp_path, tiny_clip_path):
+    from clip_es.labeler import Labeler
+
+    out = tmp_path / "out"
+    assert run_cli(["label", str(photos), "--classes", CLASSES, "--out", str(out), "--model", str(tiny_clip_path),
+                    "--device", "cpu", "--precision", "fp32", "--tagger", "tagclip", "--workers", "1",
+                    "--threads", "1"]) == 0
+    used = json.loads((out / "labels_used.json").read_text())
+    scores = json.loads((out / "labels_zeroshot_scores.json").read_text())["images"]
+    labeler = Labeler(CLASSES, model=str(tiny_clip_path), tagger="tagclip", device="cpu", precision="fp32",
+                      threads=1)
+    assert "tagger='tagclip'" in repr(labeler)
+    files = sorted(photos.glob("*.jpg"))
+    for f, res in zip(files, labeler.label_many(str(f) for f in files)):
+        assert res.labels == used[f.name]
+        assert np.allclose(list(res.probabilities.values()), list(scores[f.stem].values()), atol=1e-6)
 
 
 def test_text_cache_reused_and_keyed(tiny_clip, tmp_path):

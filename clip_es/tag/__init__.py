@@ -3,11 +3,11 @@ and :class:`~clip_es.labeler.Labeler` when no labels are given.
 
 One module per tagger, one registry entry each (:data:`~clip_es.tag.registry.TAGGERS`):
 
+- ``global`` (:mod:`clip_es.tag.global_softmax`, the default): one softmax over the classes
+  of the whole image's embedding, a class kept above a probability threshold.
 - ``tagclip`` (:mod:`clip_es.tag.tagclip`): TagCLIP's local-to-global rule (Lin et al., AAAI
   2024): per-patch scores refined through the attention, then a second look at each
   candidate's crop. Finds small objects beside large ones.
-- ``global`` (:mod:`clip_es.tag.global_softmax`): one softmax over the classes of the whole
-  image's embedding, a class kept above a probability threshold.
 
 Nothing is imported here, so importing the package costs nothing.
 """

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50, help="images")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     a = ap.parse_args()
+    import numpy as np
     import torch
 
     from clip_es.data.classes import background_words, builtin_classes
@@ -60,10 +61,13 @@ def main() -> None:
             text_s = time.perf_counter() - t0
             tg.tag(images[0])  # warm-up
             t0 = time.perf_counter()
+            crops = 0
             for im in images:
-                tg.tag(im)
+                crops += int(np.isfinite(tg.tag(im).parts.get("crop", np.zeros(0))).sum())
             dt = time.perf_counter() - t0
-            print(f"  {name:8s} {a.n / dt:7.2f} img/s  ({1000 * dt / a.n:.0f} ms/img; text embeddings {text_s:.1f} s)")
+            extra = f", {crops / a.n:.1f} crops/img" if name == "tagclip" else ""
+            print(f"  {name:8s} {a.n / dt:7.2f} img/s  ({1000 * dt / a.n:.0f} ms/img; text embeddings {text_s:.1f} s"
+                  f"{extra})")
 
 
 if __name__ == "__main__":
