@@ -420,8 +420,8 @@ def _tagger_opt():
     return typer.Option(DEFAULT_TAGGER, "--tagger", help="Zero-shot tagger for images without labels: global (default: "
                         "one softmax over the classes and --threshold; on 2 x 200 toy images its masks were 1-1.6 mIoU "
                         "better, its tags precision 98 %, recall 82-84 %) or tagclip (TagCLIP's local-to-global rule: "
-                        "finds small objects beside large ones, recall 86-90 % at precision 95 %, F1 +1-2 points, "
-                        "about 3x slower). Pick tagclip for busy scenes with small objects, or when the tags "
+                        "finds small objects beside large ones, recall 86-90 % at precision about 95 %, F1 +1-2 "
+                        "points, about 3x slower). Pick tagclip for busy scenes with small objects, or when the tags "
                         "themselves matter.")
 
 
