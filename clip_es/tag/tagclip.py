@@ -200,32 +200,36 @@ def crop_box(score_map: np.ndarray, cut: float = 0.5) -> tuple[int, int, int, in
 
 
 @torch.no_grad()
-def crop_probabilities(visual: nn.Module, x: torch.Tensor, score_map: np.ndarray, box: tuple[int, int, int, int],
+def crop_probabilities(visual: nn.Module, x: torch.Tensor, looks: list[tuple[np.ndarray, tuple[int, int, int, int]]],
                        text: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """CWR's second look: the box cut from ``x``, resized to the native size, CLS masked to the map.
+    """CWR's second look, for several classes in one batch: each box cut from ``x``, resized to
+    the native size, its CLS token attending only to the patches inside the class's map.
 
     Args:
         x: ``(1, 3, H, W)`` the normalised input of step 1.
-        score_map: ``(h, w)`` the class's boolean map (``> crop_cut``) on the patch grid.
-        box: ``(y1, y2, x1, x2)`` from :func:`crop_box`.
+        looks: per class, ``(map, box)``: the ``(h, w)`` boolean map (``> crop_cut``) on the
+            patch grid and its ``(y1, y2, x1, x2)`` box from :func:`crop_box`.
 
     Returns:
-        ``(T,)`` softmax over ``text`` of the crop's CLS embedding.
+        ``(len(looks), T)`` softmax over ``text`` of each crop's CLS embedding.
     """
     p = int(visual.conv1.kernel_size[0])
     size = native_size(visual)
     g = size // p
-    y1, y2, x1, x2 = box
-    inside = torch.from_numpy(np.ascontiguousarray(score_map[y1:y2, x1:x2])).float()[None, None]
-    inside = F.interpolate(inside, size=(g, g), mode="nearest").reshape(-1).bool()
-    crop = F.interpolate(x[:, :, y1 * p:y2 * p, x1 * p:x2 * p], size=(size, size), mode="bilinear",
-                         align_corners=False)
-    tokens, _ = embed(visual, crop)
-    mask = torch.zeros(1 + g * g, 1 + g * g, dtype=tokens.dtype, device=tokens.device)
-    mask[0, 1:][~inside.to(tokens.device)] = OUTSIDE_CROP
+    crops, masks = [], []
+    for score_map, (y1, y2, x1, x2) in looks:
+        inside = torch.from_numpy(np.ascontiguousarray(score_map[y1:y2, x1:x2])).float()[None, None]
+        inside = F.interpolate(inside, size=(g, g), mode="nearest").reshape(-1).bool().to(x.device)
+        crops.append(F.interpolate(x[:, :, y1 * p:y2 * p, x1 * p:x2 * p], size=(size, size), mode="bilinear",
+                                   align_corners=False))
+        mask = torch.zeros(1 + g * g, 1 + g * g, device=x.device)
+        mask[0, 1:][~inside] = OUTSIDE_CROP
+        masks.append(mask)
+    tokens, _ = embed(visual, torch.cat(crops))
+    mask = torch.stack(masks)[:, None].to(tokens.dtype)  # (B, 1, L, L): one mask per crop, every head
     for blk in visual.transformer.resblocks:
         tokens, _, _ = block_forward(blk, tokens, attn_mask=mask)
-    emb = _project(visual, tokens[0, 0]).float()
+    emb = _project(visual, tokens[:, 0]).float()
     return (logit_scale * emb @ text.float().t()).softmax(-1)
 
 
@@ -250,14 +254,19 @@ def tagclip_scores(visual: nn.Module, x: torch.Tensor, text: torch.Tensor, n_cla
     thr = lo + opts.candidate_cut * (hi - lo)
     scores = local.clone()
     crop = torch.full_like(local, float("nan"))
+    looked, looks = [], []
     for c in [int(c) for c in torch.nonzero(local > thr).flatten()]:
         m = minmax(refined[:, c], dims=(-1,)).reshape(h, w).cpu().numpy() > opts.crop_cut
         box = crop_box(m, 0.5)
         if box is None:  # the release stops here: later candidates keep their local score
             break
-        pc = crop_probabilities(visual, x, m, box, text, logit_scale)[c]
-        crop[c] = pc
-        scores[c] = (1 - opts.crop_weight) * scores[c] + opts.crop_weight * pc
+        looked.append(c)
+        looks.append((m, box))
+    if looks:
+        probs = crop_probabilities(visual, x, looks, text, logit_scale)
+        for j, c in enumerate(looked):
+            crop[c] = probs[j, c]
+            scores[c] = (1 - opts.crop_weight) * scores[c] + opts.crop_weight * probs[j, c]
     return scores.cpu().numpy(), local.cpu().numpy(), crop.cpu().numpy()
 
 

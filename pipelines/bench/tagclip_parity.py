@@ -7,7 +7,10 @@ the project: the script copies the checkout to a temporary folder, patches that 
 ``classify.py`` path (``classify()`` with its own ``mask_attn`` / ``cwr``) in a subprocess on
 the CPU, and compares per-class scores and chosen tags with :mod:`clip_es.tag.tagclip`.
 
-The CLIP is a random-weight open_clip ``ViT-B-16-quickgelu`` (seeded), saved as a state dict;
+The CLIP is a random-weight open_clip ``ViT-B-16-quickgelu`` (seeded), its weights rounded to
+float16 precision as OpenAI's released weights are (this project reads an OpenAI-layout file
+through float16, as open_clip does; the official ``build_model`` keeps what the file holds),
+saved as a state dict;
 open_clip's state-dict keys are OpenAI's, so the official ``clip.load(path)`` builds the same
 model from it (its non-persistent ``attn_mask`` buffer is not in the file). The images are toy
 scenes (no download). Classes: the first toy classes, background: a few of VOC's words, and
@@ -133,7 +136,10 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model = open_clip.create_model("ViT-B-16-quickgelu")
     weights = work / "vit_b16_random.pt"
-    torch.save({k: v for k, v in model.state_dict().items() if k != "attn_mask"}, weights)
+    # rounded to float16 precision, as OpenAI's released weights are: this project's loader reads an
+    # OpenAI-layout file as open_clip does (through float16), the official build_model keeps float32
+    torch.save({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()
+                if k != "attn_mask"}, weights)
     img_dir = work / "images"
     img_dir.mkdir(exist_ok=True)
     names = []
