@@ -210,3 +210,23 @@ def test_recipe_label_stage_tags_a_folder_then_cam_reads_it(photos, tmp_path, ti
         stage_configs({**recipe, "label": {"tagger": "nope"}}, photos, out)["label"].validate()
     with pytest.raises(ConfigError, match="tags a folder of images"):
         stage_configs({**recipe, "dataset": {"kind": "toy"}}, photos, out)
+
+
+def test_crop_looks_batched_equal_looped(tiny_clip):
+    from clip_es.tag.tagclip import crop_probabilities
+
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 96)
+    text = torch.nn.functional.normalize(torch.randn(5, tiny_clip.model.text_projection.shape[1]), dim=-1)
+    m1 = np.zeros((4, 6), bool)
+    m1[0:2, 1:4] = True
+    m2 = np.zeros((4, 6), bool)
+    m2[1:3, 3:5] = True
+    m2[2, 1] = True
+    looks = [(m1, crop_box(m1)), (m2, crop_box(m2))]
+    both = crop_probabilities(tiny_clip.visual, x, looks, text, tiny_clip.logit_scale)
+    for j, look in enumerate(looks):
+        one = crop_probabilities(tiny_clip.visual, x, [look], text, tiny_clip.logit_scale)
+        assert torch.allclose(both[j], one[0], atol=1e-6)
+    assert both.shape == (2, 5) and torch.allclose(both.sum(-1), torch.ones(2))
+    assert not torch.allclose(both[0], both[1])  # different crops, different answers
