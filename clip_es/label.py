@@ -49,9 +49,9 @@ from clip_es.errors import ConfigError, DatasetError, RunDirError
 from clip_es.export import ExportResult, export_run
 from clip_es.model.text import DEFAULT_TEMPLATE, check_templates
 from clip_es.model.zeroshot import ZERO_SHOT_THRESHOLD
-from clip_es.tag.registry import DEFAULT_TAGGER, check_tagger
 from clip_es.rundir import RunDir, atomic_write_bytes, atomic_write_json
 from clip_es.stage import StageResult
+from clip_es.tag.registry import DEFAULT_TAGGER, check_tagger
 
 log = logging.getLogger(__name__)
 
