@@ -521,7 +521,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                             "--self-train-from, then labelled with the unseen class the model "
                                             "scores highest there (ZegCLIP's self-training)."),
           self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
-                                                "--steps before self-training starts."),
+                                                "--steps before self-training starts (1 = never: the unseen "
+                                                "pixels stay ignored)."),
           prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
           no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
                                            "alone (no relationship descriptor with the image's CLS)."),

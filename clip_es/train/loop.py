@@ -89,7 +89,8 @@ class TrainConfig:
             to an unseen class are ignored until step ``self_train_from * steps``, then each is labelled
             with the unseen class the model scores highest there (ZegCLIP's online self-training; the
             mask's own unseen label is never used).
-        self_train_from: fraction of ``steps`` before self-training starts (``transductive``).
+        self_train_from: fraction of ``steps`` before self-training starts (``transductive``; 1 = never:
+            the names are known, the unseen pixels stay ignored).
         prompts, relation: ``zegclip``: deep visual prompt tokens per block (0 = none), relationship
             descriptor on (``False``: class queries from the text alone).
         dense_path: ``clip``: the last block's ``value`` path (MaskCLIP) or the ``plain`` block.
@@ -182,8 +183,9 @@ class TrainConfig:
             raise ConfigError(f"--name {cfg.name!r} is another stage's folder; pick e.g. 'segmenter'")
         if cfg.transductive and not cfg.unseen:
             raise ConfigError("--transductive needs --unseen (the classes to self-train on)")
-        if not 0 <= cfg.self_train_from < 1:
-            raise ConfigError(f"self-training start must be a fraction in [0, 1), got {cfg.self_train_from}")
+        if not 0 <= cfg.self_train_from <= 1:
+            raise ConfigError(f"self-training start must be a fraction in [0, 1] (1 = never), "
+                              f"got {cfg.self_train_from}")
         return cfg
 
     def resolved_loss(self) -> str:
