@@ -194,7 +194,7 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
     files = s.under(CLASS_DIR)
     if not files:
         raise MaskImportError(f"{src}: no {CLASS_DIR}/*.png masks")
-    for name in tqdm(files, desc="read cvat", unit="img", leave=False):
+    for name in files:
         where = f"{src}:{name}"
         try:
             with Image.open(io.BytesIO(s.read(name))) as im:

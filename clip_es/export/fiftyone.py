@@ -98,5 +98,5 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
         lut = values_from_names(named, values, str(tp))
         lut.setdefault(0, 0)
         lut.setdefault(IGNORE, IGNORE)
-    for p in tqdm(sorted(folder.glob("*.png")), desc="read fiftyone", unit="img", leave=False):
+    for p in sorted(folder.glob("*.png")):
         yield p.name[: -len(".png")], str(p), remap(read_label_png(p, str(p)), lut, str(p))

@@ -68,7 +68,8 @@ def import_masks(run: str | Path, src: str | Path, fmt: str, progress: bool = Tr
     ready: dict[str, bytes] = {}
     seen: dict[str, str] = {}
     unchanged = 0
-    for ref, where, mask in tqdm(f.read(src, values), desc=f"import {fmt}", unit="img", disable=not progress):
+    for ref, where, mask in tqdm(f.read(src, values), desc=f"import {fmt}", unit="img", disable=not progress,
+                                      delay=1.0):
         image_id = index.resolve(ref, where)
         if image_id in seen:
             raise MaskImportError(f"{where}: image {image_id!r} is also given by {seen[image_id]}; keep one")

@@ -115,7 +115,7 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
     if not src.is_dir():
         raise MaskImportError(f"--from {src}: not a folder; --format png reads a folder of <id>.png masks")
     lut = png_value_table(src / CLASSES_TXT, values)
-    for p in tqdm(sorted(src.glob("*.png")), desc="read png", unit="img", leave=False):
+    for p in sorted(src.glob("*.png")):
         yield p.name[: -len(".png")], str(p), remap(read_label_png(p, str(p)), lut, str(p))
 
 
