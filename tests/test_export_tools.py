@@ -308,10 +308,25 @@ def test_import_one_corrected_image_changes_its_training_target_only(run_copy, t
         assert torch_equal(ma, mb) == (i != target), i
 
 
+    # and the command trains on them (two steps: the option is accepted end to end)
+    assert run_cli(["train", "--run", str(run_copy), "--labels", "corrected", "--steps", "2", "--batch-size", "1",
+                    "--crop-size", "64", "--backbone", "test_resnet", "--dim", "32", "--device", "cpu",
+                    "--no-fusion", "--warmup", "0", "--threads", "1"]) == 0
+    assert json.loads((run_copy / "segmenter" / "config.json").read_text())["labels"] == "corrected"
+
+
 def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.equal(x, y))
+
+
+def test_reserved_class_names_are_refused():
+    from clip_es.export.common import RunImages
+
+    with pytest.raises(ConfigError, match="reserve"):
+        RunImages(None, ["cat", "unsure"], [1, 2], [], {}).label_values()
+    assert RunImages(None, ["cat"], [1], [], {}).label_values() == {"background": 0, "cat": 1, "unsure": 255}
 
 
 def test_train_labels_corrected_needs_an_import(run_copy):

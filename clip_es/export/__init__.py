@@ -55,7 +55,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, progress: bool = True
     if review:
         from clip_es.export.review import review_paths, write_review
 
-        csv_path, overlays = review_paths(Path(out), Path(out).is_dir())
+        csv_path, overlays = review_paths(Path(out), f.review_inside and Path(out).is_dir())
         res.review = str(write_review(rimgs, stats, csv_path, overlays, progress))
     return res
 

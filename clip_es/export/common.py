@@ -40,11 +40,16 @@ class ExportResult:
     images: int
     annotations: int = 0
     review: str | None = None
+    note: str | None = None  # how to load it in its tool, when that needs more than the path
 
     def summary(self) -> str:
         extra = f", {self.annotations} annotations" if self.annotations else ""
-        line = f"export: {self.images} images{extra} -> {self.path}"
-        return line + (f"\nreview: {self.review} (least sure first)" if self.review else "")
+        lines = [f"export: {self.images} images{extra} -> {self.path}"]
+        if self.note:
+            lines.append(self.note)
+        if self.review:
+            lines.append(f"review: {self.review} (least sure first)")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -105,7 +110,15 @@ class RunImages:
         return self._has_conf
 
     def label_values(self) -> dict[str, int]:
-        """Names a tool may write back -> label value: background 0, classes ``k + 1``, unsure 255."""
+        """Names a tool may write back -> label value: background 0, classes ``k + 1``, unsure 255.
+
+        Raises:
+            ConfigError: a class named ``background`` or ``unsure`` (the tools would merge it with those).
+        """
+        for c in self.classes:
+            if c in (BACKGROUND, UNSURE):
+                raise ConfigError(f"the run has a class named {c!r}, a name the exports reserve for label value "
+                                  f"{0 if c == BACKGROUND else IGNORE}; rename the class (class file) in a new run")
         return {BACKGROUND: 0, **{c: k + 1 for k, c in enumerate(self.classes)}, UNSURE: IGNORE}
 
     def label_names(self) -> dict[int, str]:

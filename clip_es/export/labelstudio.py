@@ -219,7 +219,12 @@ def write(rimgs: RunImages, ids: list[str], out: Path, progress: bool = True) ->
     tasks = [task(rimgs, i, version) for i in tqdm(ids, desc="export labelstudio", unit="img", disable=not progress)]
     atomic_write_bytes(out / CONFIG, labeling_config(rimgs).encode("utf-8"))
     atomic_write_bytes(out / TASKS, json.dumps(tasks, ensure_ascii=False).encode("utf-8"))
-    return ExportResult(str(out / TASKS), len(tasks), sum(len(t["predictions"][0]["result"]) for t in tasks))
+    root = getattr(rimgs.dataset, "root", None)
+    note = (f"label studio: serve the images with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={Path(root).resolve() if root else '<the image folder>'}; "
+            f"labeling setup: {out / CONFIG}")
+    return ExportResult(str(out / TASKS), len(tasks), sum(len(t["predictions"][0]["result"]) for t in tasks),
+                        note=note)
 
 
 # ----------------------------------------------------------------------------- import

@@ -30,14 +30,17 @@ class Format:
     unsure: str
     write: Writer
     read: Reader | None = None
+    #: ``review.csv`` and ``overlays/`` inside a folder ``--out`` (else beside it, kept out of what the tool reads)
+    review_inside: bool = True
 
 
 FORMATS: dict[str, Format] = {
     "coco": Format("coco", "one JSON file", "in no annotation (a category 'unsure' when imported)",
-                   coco.write, coco.read),
+                   coco.write, coco.read, review_inside=False),
     "png": Format("png", "a folder of palette PNGs + classes.txt", "value 255", png.write, png.read),
     "cvat": Format("cvat", "a zip (OUT ends with .zip) or folder, Segmentation mask 1.1",
-                   "a declared label 'unsure', colour 224,224,192", cvat.write, cvat.read),
+                   "a declared label 'unsure', colour 224,224,192", cvat.write, cvat.read,
+                   review_inside=False),
     "labelstudio": Format("labelstudio", "a folder: tasks.json + labeling_config.xml",
                           "a brush label 'unsure'", labelstudio.write, labelstudio.read),
     "fiftyone": Format("fiftyone", "a folder: data/, labels/, mask_targets.json",

@@ -6,8 +6,9 @@ and ``lowest_class`` (see :class:`~clip_es.export.common.ImageStats`; empty with
 confidence maps), ``score`` (the sort key: the lowest class confidence, or ``1 -
 unsure_share``), ``overlay`` (the mask over the image, a path relative to the CSV).
 
-A folder export writes ``OUT/review.csv`` and ``OUT/overlays/``; a one-file export (COCO
-JSON, CVAT zip) writes them beside it: ``<name>.review.csv`` and ``<name>.overlays/``.
+A png, labelstudio or fiftyone export writes ``OUT/review.csv`` and ``OUT/overlays/``; coco
+and cvat (zip or folder, kept as the tool reads it) write them beside OUT:
+``<name>.review.csv`` and ``<name>.overlays/``.
 """
 
 from __future__ import annotations
