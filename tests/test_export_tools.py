@@ -24,6 +24,7 @@ from clip_es.data.image_io import mask_to_png_bytes, read_mask
 from clip_es.errors import ConfigError, MaskImportError
 from clip_es.export import FORMATS, export_run, import_masks
 from clip_es.export.common import open_run
+from clip_es.export.importer import settle_uncovered
 from clip_es.export.labelstudio import brush_decode, brush_encode, read_tasks
 from clip_es.refine.crf import IGNORE
 from clip_es.refine.run import RefineConfig, refine_masks
@@ -123,9 +124,10 @@ def test_round_trip_masks_equal_the_runs(refined, tmp_path, fmt, out):
     for ref, where, mask in got:
         image_id = index.resolve(ref, where)
         seen.add(image_id)
-        want = run_masks[image_id].copy()
-        if fmt == "coco":  # documented: unsure pixels belong to no annotation, read back as background
-            want[want == IGNORE] = 0
+        want = run_masks[image_id]
+        if fmt == "coco":  # documented: unsure pixels belong to no annotation; left open, they stay unsure
+            assert np.array_equal(np.ma.getmaskarray(mask), (want == 0) | (want == IGNORE))
+            mask = settle_uncovered(mask, want)
         if mask is None:
             mask = np.zeros_like(want)
         np.testing.assert_array_equal(mask, want, err_msg=f"{fmt} {image_id}")
@@ -367,11 +369,10 @@ def test_import_each_format_after_a_correction(run_copy, tmp_path, fmt):
             doc["annotations"].append({"id": 10_000 + len(doc["annotations"]), "image_id": im["id"], **a})
         out.write_text(json.dumps(doc), encoding="utf-8")
     res = import_masks(run_copy, out, fmt, progress=False)
-    if fmt == "coco":  # COCO has no unsure: it comes back as background, so each image with unsure pixels changed
-        changed = sorted({target} | {i for i, m in _masks(run_copy).items() if (m == IGNORE).any()})
-        assert res.stored == changed and res.unchanged == len(ids) - len(changed)
-    else:
-        assert res.stored == [target] and res.unchanged == len(ids) - 1
+    assert res.stored == [target] and res.unchanged == len(ids) - 1
+    if fmt == "coco":  # COCO cannot say background: an unsure pixel no annotation covers stays unsure
+        pseudo = read_output(output_path(run_copy, MASKS, target))
+        fixed = np.where((fixed == 0) & (pseudo == IGNORE), IGNORE, fixed)
     np.testing.assert_array_equal(read_mask(corrected_dir(run_copy) / f"{target}.png"), fixed)
 
 

@@ -13,9 +13,11 @@ Label Studio read this file as it is.
 
 Import (``clipes import-masks --format coco``): any COCO file whose categories are named
 as the run's classes (ids may differ: names are matched); segmentations as RLE (compressed
-or not) or polygons; ``width``/``height`` must be the image's. A pixel covered by no
-annotation is background; a category named ``unsure`` gives unsure (255) pixels; where
-annotations overlap, the later one wins.
+or not) or polygons; ``width``/``height`` must be the image's. COCO cannot say "unsure", so a
+pixel covered by no annotation is background, except where the pseudo mask was unsure: that
+pixel stays unsure (ignored in training; nobody settled it). Paint it with a class, or with a
+category named ``unsure``, to settle it; where annotations overlap, the later one wins. (The
+reader returns a masked array, uncovered pixels masked; the import fills them.)
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
             h, w, ref = int(im["height"]), int(im["width"]), str(im["file_name"])
             where = f"{src} image {ref!r}"
             mask = np.zeros((h, w), np.uint8)
+            covered = np.zeros((h, w), bool)
             for a in by_image.get(int(im["id"]), []):
                 if int(a["category_id"]) not in cats:
                     raise MaskImportError(f"{where}: annotation {a.get('id')} has category_id {a['category_id']}, "
@@ -162,7 +165,9 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
                 if [int(s) for s in rle["size"]] != [h, w]:
                     raise MaskImportError(f"{where}: annotation {a.get('id')} is {rle['size'][1]}x{rle['size'][0]} "
                                           f"but the image entry says {w}x{h}")
-                mask[mask_utils.decode(rle).astype(bool)] = cats[int(a["category_id"])]
-            yield ref, where, mask
+                region = mask_utils.decode(rle).astype(bool)
+                mask[region] = cats[int(a["category_id"])]
+                covered |= region
+            yield ref, where, np.ma.MaskedArray(mask, ~covered)
     except (KeyError, TypeError, ValueError) as e:
         raise MaskImportError(f"{src}: malformed COCO entry ({type(e).__name__}: {e}); export it again") from e

@@ -27,6 +27,7 @@ from clip_es.data.image_io import mask_to_png_bytes, read_mask
 from clip_es.errors import ImageError, MaskImportError
 from clip_es.export.common import ImageIndex, open_run
 from clip_es.export.registry import get_format
+from clip_es.refine.crf import IGNORE
 from clip_es.refine.store import corrected_dir
 from clip_es.rundir import atomic_write_bytes, atomic_write_json
 
@@ -81,6 +82,7 @@ def import_masks(run: str | Path, src: str | Path, fmt: str, progress: bool = Tr
             raise MaskImportError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
                                   f"{rimgs.file_name(image_id)!r} is {pseudo.shape[1]}x{pseudo.shape[0]}; "
                                   "correct the mask at the image's own size")
+        mask = settle_uncovered(mask, pseudo)
         if not allowed[mask].all():
             bad = int(mask[~allowed[mask]][0])
             raise MaskImportError(f"{where}: value {bad} is no label of the run (0 background, 1..{len(rimgs.classes)} "
@@ -103,6 +105,15 @@ def import_masks(run: str | Path, src: str | Path, fmt: str, progress: bool = Tr
                        "stored": sorted(ready), "unchanged": unchanged})
         atomic_write_json(out / IMPORTS, record)
     return ImportResult(str(out), len(seen), sorted(ready), unchanged)
+
+
+def settle_uncovered(mask: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    """Fill the pixels a reader left open (a masked array's masked pixels: a COCO pixel no annotation
+    covers): unsure (255) where the pseudo mask was unsure, background elsewhere. Plain arrays pass."""
+    if not isinstance(mask, np.ma.MaskedArray):
+        return mask
+    open_ = np.ma.getmaskarray(mask)
+    return np.where(open_, np.where(pseudo == IGNORE, IGNORE, 0), mask.data).astype(np.uint8)
 
 
 def _current(path: Path, pseudo: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "coco": Format("coco", "one JSON file", "in no annotation (a category 'unsure' when imported)",
+    "coco": Format("coco", "one JSON file", "in no annotation (imported: still unsure where no annotation covers it)",
                    coco.write, coco.read, review_inside=False),
     "png": Format("png", "a folder of palette PNGs + classes.txt", "value 255", png.write, png.read),
     "cvat": Format("cvat", "a zip (OUT ends with .zip) or folder, Segmentation mask 1.1",
