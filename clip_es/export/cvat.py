@@ -32,8 +32,7 @@ from tqdm import tqdm
 
 from clip_es.data.image_io import voc_palette
 from clip_es.errors import MaskImportError
-from clip_es.export.common import (BACKGROUND, UNSURE, ExportResult, RunImages, check_name_safe, safe_ref,
-                                   values_from_names)
+from clip_es.export.common import BACKGROUND, ExportResult, RunImages, check_name_safe, safe_ref, values_from_names
 from clip_es.export.png import map_colours, out_folder
 from clip_es.refine.crf import IGNORE
 from clip_es.rundir import atomic_write
@@ -204,4 +203,3 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
         yield name[len(s.root) + len(CLASS_DIR) + 1:], where, map_colours(rgb, cols, where)
 
 
-__all__ = ["write", "read", "labelmap_text", "parse_labelmap", "UNSURE"]

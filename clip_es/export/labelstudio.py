@@ -59,9 +59,8 @@ from tqdm import tqdm
 
 from clip_es.errors import MaskImportError
 from clip_es.export.coco import load_json
-from clip_es.export.common import (ExportResult, RunImages, image_stats, region_score, safe_ref)
+from clip_es.export.common import ExportResult, RunImages, image_stats, region_score, safe_ref
 from clip_es.export.png import out_folder
-from clip_es.refine.crf import IGNORE
 from clip_es.rundir import atomic_write_bytes
 
 FROM_NAME, TO_NAME = "tag", "image"
@@ -323,4 +322,3 @@ def read(src: Path, values: dict[str, int]) -> Iterator[tuple[str, str, np.ndarr
     yield from read_tasks(src, values, "annotations")
 
 
-__all__ = ["brush_encode", "brush_decode", "read", "read_tasks", "write", "IGNORE"]

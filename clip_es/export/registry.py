@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import numpy as np
+from typing import Any, Callable, Iterator
 
 from clip_es.errors import RegistryError
 from clip_es.export import coco, cvat, fiftyone, labelstudio, png
 from clip_es.export.common import ExportResult, RunImages
 
 Writer = Callable[[RunImages, list[str], Path, bool], ExportResult]
-Reader = Callable[[Path, dict[str, int]], Iterator[tuple[str, str, "np.ndarray | None"]]]
+Reader = Callable[[Path, dict[str, int]], Iterator[tuple[str, str, Any]]  # (image reference, where, (H, W) uint8 mask or None)]
 
 
 @dataclass(frozen=True)
