@@ -16,7 +16,8 @@ from clip_es.export import coco, cvat, fiftyone, labelstudio, png
 from clip_es.export.common import ExportResult, RunImages
 
 Writer = Callable[[RunImages, list[str], Path, bool], ExportResult]
-Reader = Callable[[Path, dict[str, int]], Iterator[tuple[str, str, Any]]  # (image reference, where, (H, W) uint8 mask or None)]
+#: yields (image reference, where, (H, W) uint8 mask, or None for all background)
+Reader = Callable[[Path, dict[str, int]], Iterator[tuple[str, str, Any]]]
 
 
 @dataclass(frozen=True)
