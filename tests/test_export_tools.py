@@ -235,6 +235,13 @@ def test_review_csv_least_sure_first_and_limit(refined, tmp_path):
     assert sorted(p.stem for p in (tmp_path / "batch").glob("*.png")) == sorted(r["id"] for r in rows[:2])
     batch = list(csv.DictReader((tmp_path / "batch" / "review.csv").open(encoding="utf-8")))
     assert [r["id"] for r in batch] == [r["id"] for r in rows[:2]]
+    assert run_cli(["export", "--run", str(refined), "--format", "cvat", "--out", str(tmp_path / "b.zip"),
+                    "--limit", "2", "--order", "least-sure"]) == 0
+    with zipfile.ZipFile(tmp_path / "b.zip") as z:
+        assert sorted(z.read("ImageSets/Segmentation/default.txt").decode().split()) == sorted(r["id"] for r in rows[:2])
+    assert run_cli(["export", "--run", str(refined), "--format", "cvat", "--out", str(tmp_path / "r.zip"),
+                    "--order", "random"]) == 2
+    assert not (tmp_path / "r.zip").exists()
     with pytest.raises(ConfigError, match="--order"):
         export_run(refined, "png", tmp_path / "x", order="random")
     with pytest.raises(ConfigError, match="--limit"):
