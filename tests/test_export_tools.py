@@ -338,6 +338,23 @@ def test_reserved_class_names_are_refused():
     assert RunImages(None, ["cat"], [1], [], {}).label_values() == {"background": 0, "cat": 1, "unsure": 255}
 
 
+def test_labelstudio_task_urls():
+    from clip_es.export.labelstudio import task_ref
+
+    def ref(url):
+        return task_ref({"data": {"image": url}}, "t")
+
+    assert ref("/data/local-files/?d=photos/chien%20caf%C3%A9.jpg") == "photos/chien café.jpg"
+    assert ref("/data/upload/3/1a2b3c4d-chien%20caf%C3%A9.jpg") == "chien café.jpg"
+    assert ref("s3://bucket/set/x.jpg") == "x.jpg" and ref("https://host/img/x.jpg?sig=1") == "x.jpg"
+    for bad in ("/data/local-files/?d=../x.jpg", "/data/local-files/?d=/etc/x.jpg", "https://h/a/../../x.jpg",
+                "/home/me/x.jpg"):
+        with pytest.raises(MaskImportError, match="outside the run"):
+            ref(bad)
+    with pytest.raises(MaskImportError, match="outside the run"):
+        task_ref({"data": {"clipes_id": "../x"}}, "t")
+
+
 def test_train_labels_corrected_needs_an_import(run_copy):
     from clip_es.rundir import RunDir
     from clip_es.train.data import LabelSource

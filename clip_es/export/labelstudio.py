@@ -248,9 +248,15 @@ def task_ref(t: dict[str, Any], where: str) -> str:
         raise MaskImportError(f"{where}: task has no data.image nor data.clipes_id")
     u = urlparse(str(url))
     d = parse_qs(u.query).get("d")
-    path = d[0] if d else unquote(u.path)
-    if not d and path.startswith("/data/"):  # an uploaded file: /data/upload/<project>/<8 hex>-<name>
-        path = _UPLOAD_PREFIX.sub("", PurePosixPath(path).name)
+    if d:  # local files: a path under the document root
+        return str(safe_ref(d[0], where))
+    path = unquote(u.path)
+    if ".." in PurePosixPath(path).parts:
+        safe_ref(path, where)  # refused: points outside the run
+    if path.startswith("/data/upload/"):  # an uploaded file: /data/upload/<project>/<8 hex>-<name>
+        return _UPLOAD_PREFIX.sub("", PurePosixPath(path).name)
+    if u.scheme or u.netloc:  # cloud storage or a web server (s3://bucket/x.jpg, https://host/x.jpg)
+        return PurePosixPath(path).name
     return str(safe_ref(path, where))
 
 
