@@ -419,7 +419,8 @@ def export(run: Path = typer.Option(..., "--run", help="Run folder with refine o
            review: bool = typer.Option(True, "--review/--no-review", help="Also write review.csv (image, labels, "
                                        "share of unsure pixels, lowest class confidence, overlay path; least sure "
                                        "first) and an overlay picture per image: inside the png, labelstudio or "
-                                       "fiftyone folder; beside a coco file or cvat export.")) -> None:
+                                       "fiftyone folder; beside a coco file or cvat export. --no-review skips the "
+                                       "overlays (one image decode each) on a large run.")) -> None:
     """Export the pseudo masks for a labelling tool (CVAT, Label Studio, FiftyOne) or as COCO / PNG, with a
     confidence per image and mask. Confidence needs the run refined with --save-conf (clipes label saves it)."""
     from clip_es.export import export_run

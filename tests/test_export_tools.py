@@ -431,6 +431,10 @@ def test_refused_imports_change_nothing(run_copy, tmp_path, capsys):
     small = read_output(output_path(run_copy, MASKS, ids[0]))[:-3, :]
     (tmp_path / "png" / f"{ids[0]}.png").write_bytes(mask_to_png_bytes(small))
     _refused(run_copy, tmp_path / "png", "png", capsys, "correct the mask at the image's own size")
+    good = (tmp_path / "png" / f"{ids[1]}.png").read_bytes()
+    (tmp_path / "cut_png").mkdir()
+    (tmp_path / "cut_png" / f"{ids[1]}.png").write_bytes(good[: len(good) // 2])  # a truncated PNG
+    _refused(run_copy, tmp_path / "cut_png", "png", capsys, "not a readable PNG")
     doc = json.loads(text)
     doc["images"][0]["width"] += 1  # the entry disagrees with its own RLEs
     (tmp_path / "wide.json").write_text(json.dumps(doc), encoding="utf-8")
