@@ -547,13 +547,13 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes to hold out "
                                                "(zero-shot protocol): their pixels are ignored and their names "
                                                "never reach the model; segment/eval can still ask for them."),
-          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: the names are known; "
-                                            "pixels the masks give to unseen classes are ignored until "
-                                            "--self-train-from, then labelled with the unseen class the model "
-                                            "scores highest there (ZegCLIP's self-training)."),
+          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: inductive until "
+                                            "--self-train-from, then the unseen names join and each pixel the "
+                                            "masks give to an unseen class is labelled with the unseen class "
+                                            "the model scores highest there (ZegCLIP's self-training)."),
           self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
-                                                "--steps before self-training starts (1 = never: the unseen "
-                                                "pixels stay ignored)."),
+                                                "--steps before self-training starts (1 = never: the same "
+                                                "as inductive)."),
           prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
           no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
                                            "alone (no relationship descriptor with the image's CLS)."),

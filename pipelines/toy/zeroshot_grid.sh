@@ -2,7 +2,7 @@
 # The zero-shot grid of pipelines/toy/ZEROSHOT.md (issue 27): zegclip at its family defaults on
 # unseen pairs never tuned on, 2 seeds, 200 / 1000 / 2000 steps; the same family trained on every
 # class; fusion trained on the seen classes and on every class (batch 4, crop 160: zegclip's);
-# zegclip transductive with self-training never started; the training-free clip baseline.
+# zegclip transductive (self-training from half-way); the training-free clip baseline.
 # Every cell 1 thread; JOBS cells at a time; cells already trained are skipped.
 #   bash pipelines/toy/zeroshot_grid.sh BASE_RUN OUT   (BASE_RUN: cam + refine with every label)
 # env: PAIRS ("ball,boat star,flower ring,kite"), STEPS ("2000 200 1000": zegclip's step counts),
@@ -22,7 +22,7 @@ for kind in $kinds; do case $kind in
          cells+=("f_${p/,/_}_s$seed --arch fusion --unseen $p --batch-size 4 --crop-size 160 --seed $seed"); done
          cells+=("ffull_s$seed --arch fusion --batch-size 4 --crop-size 160 --seed $seed"); done ;;
   trans) for seed in 0 1; do for p in $pairs; do
-         cells+=("t_${p/,/_}_s$seed --arch zegclip --unseen $p --transductive --self-train-from 1.0 --seed $seed"); done; done ;;
+         cells+=("t_${p/,/_}_s$seed --arch zegclip --unseen $p --transductive --seed $seed"); done; done ;;
   *) echo "zeroshot_grid.sh: unknown cell kind '$kind' (zeg, fusion, trans)" >&2; exit 2 ;;
 esac; done
 "$clipes" train --run "$out" --arch clip --name clipv --device cpu --threads 1 >/dev/null 2>&1 || true
