@@ -47,7 +47,7 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu; N=6; STEPS=2; TESTS=(tests/test_pamr.py -k cpu)
   BENCH_CAM=(--device cpu --model clipes-tiny --n 1 --precisions fp32 --batches 1 --workers 0 --busy --roofline)
   BENCH_REFINE=(--device cpu --n 3 --size voc); THREADS=(--threads 1)
-  BENCH_GRADS=(--device cpu --threads 1 --size 48x64 --repeats 1 --no-peak)
+  BENCH_GRADS=(--device cpu --threads 1 --size 48x64 --repeats 1 --no-peak --autocast bf16)
   NGPU=0
 else
   DEV=cuda; N=96; STEPS=30; TESTS=(tests -k cuda)
