@@ -63,8 +63,8 @@ from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, resolv
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
-from clip_es.stage import (StageResult, bind_device, completion_status, dist_shard, fit_image, is_out_of_memory,
-                            resolve_device, select_ids)
+from clip_es.stage import (StageResult, bind_device, completion_status, dist_shard, fit_image, hold_for_test,
+                            is_out_of_memory, resolve_device, select_ids)
 from clip_es.threads import available_cpus, resolve_threads, use_threads
 
 log = logging.getLogger(__name__)
@@ -682,7 +682,9 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             return
         for it, (cam, caa) in zip(batch, maps):
             writer.put(out / f"{it.id}.npz", it.id, it.keys, cam, caa, it.size)
+        computed[0] += len(batch)  # queued for writing (written even if the run is interrupted now)
 
+    computed = [0]
     buckets: dict[tuple, list[Prepared]] = {}
     max_pending = 4 * batch_size  # bounds memory when sizes vary (COCO): flush the fullest bucket
     try:
@@ -697,6 +699,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             elif sum(len(b) for b in buckets.values()) > max_pending:
                 run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
             writer.check()
+            hold_for_test(computed[0])
         for key in list(buckets):
             run(buckets.pop(key))
     except BaseException:
