@@ -139,12 +139,19 @@ def hold_for_test(finished: int) -> None:
         time.sleep(0.01)
 
 
+def oom_error_type(torch) -> type[BaseException]:
+    """torch's out-of-memory exception class: ``torch.cuda.OutOfMemoryError`` (torch 1.13 and
+    newer; ``torch.OutOfMemoryError``, the same class, exists only from torch 2.5, while the
+    project supports torch 2.1). The one place the project names it."""
+    return torch.cuda.OutOfMemoryError
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """True for an allocation failure of one batch: ``MemoryError``, CUDA's
     ``OutOfMemoryError``, and the plain ``RuntimeError`` cuBLAS/cuDNN raise when their
     workspace allocation fails (``CUBLAS_STATUS_ALLOC_FAILED``, ``CUDNN_STATUS_ALLOC_FAILED``)."""
     torch = sys.modules.get("torch")
-    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, oom_error_type(torch))):
         return True
     return isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUBLAS_STATUS_ALLOC_FAILED",
                                                                      "CUDNN_STATUS_ALLOC_FAILED"))

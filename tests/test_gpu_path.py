@@ -161,7 +161,46 @@ def test_oom_retry_runs_after_the_failed_batch_is_freed(toy_root, tiny_clip, tin
     res = generate_cams(_same_size(toy_root, tmp_path, tiny_clip_path, 8, batch_size=4), clip=tiny_clip,
                         progress=False)
     assert res.ok and res.done == 8
-    assert len(refs) == 2 and alive_at_retry == [False] * 8
+    assert len(refs) == 1 and alive_at_retry == [False] * 8  # the second batch of 4 goes one by one at once
+
+
+def test_an_oom_is_remembered_and_later_batches_of_that_size_go_one_by_one(toy_root, tiny_clip, tiny_clip_path,
+                                                                           tmp_path, monkeypatch):
+    """A fake allocator failure where the real allocation is (the attention's (B, H, L, L)
+    probabilities, the largest tensor of a block): a batch of 4 does not fit, one image does.
+    The first batch of 4 runs out of memory once; the two later batches of 4 go straight to one
+    by one (before, each ran out of memory again first); the records equal a batch-1 run."""
+    from clip_es.model import dense
+
+    real = dense.explicit_attention
+    ooms: list[int] = []
+
+    def explicit_attention(q, k, v, attn_mask=None):
+        if q.shape[0] > 1:
+            ooms.append(q.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(q, k, v, attn_mask)
+
+    cfg = _same_size(toy_root, tmp_path, tiny_clip_path, 12, batch_size=4)
+    monkeypatch.setattr(dense, "explicit_attention", explicit_attention)
+    res = generate_cams(cfg, clip=tiny_clip, progress=False)
+    monkeypatch.undo()
+    assert res.ok and res.done == 12
+    assert ooms == [4]
+    ref = generate_cams(CamConfig(**{**cfg.__dict__, "out": str(tmp_path / "ref"), "batch_size": 1}),
+                        clip=tiny_clip, progress=False)
+    assert ref.ok and ref.done == 12
+    for i in range(12):
+        a, b = load_cam(tmp_path / "run" / "cam" / f"im{i}.npz"), load_cam(tmp_path / "ref" / "cam" / f"im{i}.npz")
+        assert np.array_equal(a.keys, b.keys) and np.allclose(a.caa, b.caa, atol=2e-6)
+
+
+def test_oom_type_exists_on_torch_before_2_5(monkeypatch):
+    """``torch.OutOfMemoryError`` appeared in torch 2.5 (pyproject allows 2.1): without it the OOM
+    test still knows CUDA's out-of-memory error."""
+    err = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    assert is_out_of_memory(err) and not is_out_of_memory(RuntimeError("CUDA error: device-side assert"))
 
 
 def test_oom_of_a_single_image_is_recorded_and_other_errors_propagate(toy_root, tiny_clip, tiny_clip_path, tmp_path,

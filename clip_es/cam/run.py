@@ -641,6 +641,8 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
     allocation failure) retries its images one by one, after the failed attempt is freed
     (outside the ``except`` block, whose traceback would keep the batch's activations
     alive) and, on CUDA, the allocator's cache emptied; an image that does not fit alone fails.
+    The failure is remembered: a later batch at least as large (as many images or more, each
+    as many pixels or more) goes straight to one by one instead of running out of memory again.
 
     Raises:
         OutputWriteError: a record cannot be written (fatal for the stage).
@@ -663,7 +665,14 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
 
     writer = _Writer(written, depth=2 * batch_size, threads=writer_threads())
 
+    too_big: list[tuple[int, int]] = []  # (images, pixels per image) of the batches that ran out of memory
+
     def run(batch: list[Prepared]) -> None:
+        load = (len(batch), batch[0].work[0] * batch[0].work[1])
+        if len(batch) > 1 and any(n <= load[0] and px <= load[1] for n, px in too_big):
+            for it in batch:  # at least as big as a batch that did not fit: straight to one by one
+                run([it])
+            return
         oom = None
         try:
             maps = engine.compute_batch(batch)
@@ -675,6 +684,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             if cuda:
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # retry one by one: only the image that does not fit fails
+                too_big.append(load)
                 for it in batch:
                     run([it])
                 return
