@@ -56,8 +56,11 @@ def _sigint_part_way(argv: list[str], marker: Path, at_least: int,
     from clip_es.stage import HOLD_ENV
 
     env = {**_env(), HOLD_ENV: f"{at_least}:{marker}"}
+    # SIG_DFL in the child: a test runner started in the background of a script (nohup, CI) inherits
+    # SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "clip_es", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     try:
         while not marker.exists():

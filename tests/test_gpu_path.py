@@ -98,7 +98,7 @@ def test_train_binds_every_cuda_device_before_the_process_group(monkeypatch):
     class Stop(Exception):
         pass
 
-    def distributed(info, device):
+    def distributed(info, device, requested=None):
         raise Stop(device)
 
     monkeypatch.setattr(loop, "resolve_device", lambda d: "cuda:3")
@@ -408,3 +408,74 @@ def test_label_passes_cam_workers_to_the_cam_stage(tmp_path, tiny_clip, monkeypa
         with pytest.raises(Stop) as e:
             label.label_folder(label.LabelConfig(**kw, cam_workers=workers), clip=tiny_clip, progress=False)
         assert e.value.args[0] == workers
+
+
+# ----------------------------------------------------------------------------- issue 29, item 5: two ranks, one GPU
+def _fake_torchrun(monkeypatch, local_rank: int, local_world: int, gpus: int, visible: str | None = None) -> None:
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+
+
+@pytest.mark.parametrize("requested, local_rank, gpus, match", [
+    ("auto", 1, 1, "2 ranks on this machine but it has 1 GPU"),  # LOCAL_RANK % 1: both on cuda:0
+    ("cuda", 0, 1, "2 ranks on this machine but it has 1 GPU"),
+    ("cuda:1", 0, 2, "--device cuda:1 under torchrun puts all 2 local ranks on one GPU"),
+])
+def test_two_local_ranks_on_one_gpu_are_refused_before_the_process_group(monkeypatch, tmp_path, requested,
+                                                                        local_rank, gpus, match):
+    """``clipes train`` under a (faked) torchrun with 2 local ranks: a ConfigError naming the fix,
+    raised before ``init_process_group`` (so before NCCL's first collective)."""
+    import torch.distributed as dist
+
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    _fake_torchrun(monkeypatch, local_rank, 2, gpus)
+    started = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match=match) as e:
+        train_segmenter(TrainConfig(run=str(tmp_path / "run"), device=requested, steps=1), progress=False)
+    assert "--nproc_per_node" in str(e.value) and "--device cpu" in str(e.value)
+    assert started == []
+
+
+def test_one_gpu_per_rank_and_the_cpu_pass(monkeypatch):
+    from clip_es.train.distributed import DistInfo, check_one_gpu_per_rank
+
+    two = DistInfo(rank=1, world=2, local_rank=1)
+    check_one_gpu_per_rank(two, "auto", "cuda:1", 2, 2, False)  # one GPU each
+    check_one_gpu_per_rank(two, "cpu", "cpu", 2, 1, False)
+    check_one_gpu_per_rank(two, "cuda", "cuda:0", 2, 1, True)  # a per-rank CUDA_VISIBLE_DEVICES: compared later
+    check_one_gpu_per_rank(DistInfo(), "cuda:0", "cuda:0", 1, 1, False)
+
+
+def test_ranks_that_name_one_gpu_are_refused_after_comparing(monkeypatch):
+    """With CUDA_VISIBLE_DEVICES set, the ranks exchange (host, GPU id) over gloo before any NCCL
+    collective; two ranks naming one GPU get a ConfigError."""
+    import torch.distributed as dist
+
+    from clip_es.train import distributed as dd
+
+    assert dd.duplicate_gpus([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1"), ("a", "GPU-1")]) == [[0, 3]]
+    assert dd.duplicate_gpus([("a", "GPU-1"), ("a", "GPU-2")]) == []
+    monkeypatch.setattr(dd, "gpu_id", lambda device: "GPU-5b2c")
+    monkeypatch.setattr(dist, "new_group", lambda backend: "gloo-group")
+    destroyed = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: destroyed.append(group))
+
+    def gather(out, obj, group=None):
+        assert group == "gloo-group"
+        out[:] = [obj, obj]  # the other rank sees the same GPU
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    with pytest.raises(ConfigError, match="ranks 0 and 1 compute on one GPU"):
+        dd._compare_gpus(dd.DistInfo(rank=0, world=2, local_rank=0), "cuda:0")
+    assert destroyed == ["gloo-group"]

@@ -407,7 +407,7 @@ def train_segmenter(cfg: TrainConfig, progress: bool = True,
     info = DistInfo.from_env()
     device = resolve_device(cfg.device)  # cuda:(LOCAL_RANK % GPUs) under torchrun
     bind_device(device)  # before the process group: NCCL and pin_memory use the current device
-    with distributed(info, device):
+    with distributed(info, device, cfg.device):
         return _train(cfg, info, device, progress, on_step)
 
 
