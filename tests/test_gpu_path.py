@@ -127,17 +127,90 @@ def test_auto_bf16_follows_the_run_devices_compute_capability(monkeypatch):
     assert prec.resolve_precision("auto", "cpu") == "bf16"
 
 
-def test_fp32_switches_off_cudnn_tf32_on_cuda_only():
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+class _LegacyFlags:
+    """``torch.backends`` of torch < 2.9: only the legacy ``allow_tf32`` flags."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cuda = SimpleNamespace(matmul=SimpleNamespace(allow_tf32=True))
+        self.cudnn = SimpleNamespace(allow_tf32=True)
+
+
+class _Op:
+    """One operator's new-API flag; reading the legacy flag raises, as recent torch does after the new API was used."""
+
+    def __init__(self, value: str):
+        self.fp32_precision = value
+
+    @property
+    def allow_tf32(self):
+        raise RuntimeError("you have used mix of the legacy and new APIs to set the TF32 status")
+
+
+class _NewFlags:
+    """``torch.backends`` of torch >= 2.9 after ``set_float32_matmul_precision("high")``."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cuda = SimpleNamespace(matmul=_Op("tf32"))
+        self.cudnn = SimpleNamespace(conv=_Op("tf32"))
+        self.mkldnn = SimpleNamespace(matmul=_Op("bf16"), conv=_Op("none"))
+
+    def __getattr__(self, name):  # the legacy module-level flag
+        raise RuntimeError(f"legacy flag {name} read after the new API was used")
+
+
+def test_fp32_switches_off_tf32_for_matmul_and_conv_with_the_legacy_flags(monkeypatch):
+    """torch < 2.9: at --precision fp32 on CUDA both legacy flags are off (matmul too, not only
+    cuDNN), and restored after; on the CPU they are left alone."""
+    flags = _LegacyFlags()
+    monkeypatch.setattr(prec, "_backends", lambda: flags)
+    with prec.autocast("fp32", "cuda:0"):
+        assert flags.cuda.matmul.allow_tf32 is False and flags.cudnn.allow_tf32 is False
+    assert flags.cuda.matmul.allow_tf32 is True and flags.cudnn.allow_tf32 is True
+    with prec.exact_fp32("cpu"):
+        assert flags.cuda.matmul.allow_tf32 is True and flags.cudnn.allow_tf32 is True
+
+
+def test_fp32_uses_the_new_fp32_precision_api_and_never_reads_legacy_flags(monkeypatch):
+    """torch >= 2.9 after ``set_float32_matmul_precision("high")``: matmul and conv are "ieee"
+    inside, restored after, and no legacy ``allow_tf32`` flag is read (that raises there)."""
+    flags = _NewFlags()
+    monkeypatch.setattr(prec, "_backends", lambda: flags)
+    with prec.autocast("fp32", "cuda"):
+        assert flags.cuda.matmul.fp32_precision == flags.cudnn.conv.fp32_precision == "ieee"
+        assert flags.mkldnn.matmul.fp32_precision == "bf16"  # the CPU's are not the GPU run's business
+    assert flags.cuda.matmul.fp32_precision == flags.cudnn.conv.fp32_precision == "tf32"
+    with prec.exact_fp32("cpu"):  # oneDNN's bf16 fp32 matmuls ("medium") are off on the CPU
+        assert flags.mkldnn.matmul.fp32_precision == flags.mkldnn.conv.fp32_precision == "ieee"
+        assert flags.cuda.matmul.fp32_precision == "tf32"
+    assert flags.mkldnn.matmul.fp32_precision == "bf16" and flags.mkldnn.conv.fp32_precision == "none"
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "matmul"), reason="torch < 2.9: no fp32_precision API")
+def test_the_last_block_runs_in_exact_fp32(toy_root, tiny_clip, tiny_clip_path, tmp_path, monkeypatch):
+    """A process that set ``set_float32_matmul_precision("medium")`` (bf16 fp32 matmuls in oneDNN on
+    the CPU; TF32 on CUDA with "high"): the cam stage's last block and closed-form gradients still
+    run in IEEE fp32 (before, only the frozen blocks' cuDNN convolutions were covered)."""
+    seen = []
+    real = cam_run.softmax_gradcam_batch
+
+    def gradcam(*a, **k):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cam_run, "softmax_gradcam_batch", gradcam)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
     try:
-        with prec.autocast("fp32", "cuda:0"):
-            assert torch.backends.cudnn.allow_tf32 is False
-        assert torch.backends.cudnn.allow_tf32 is True
-        with prec.autocast("fp32", "cpu"):
-            assert torch.backends.cudnn.allow_tf32 is True
+        res = generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "run", limit=2, precision="fp32"),
+                            clip=tiny_clip, progress=False)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # restored after the stage
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        torch.set_float32_matmul_precision(before)
+    assert res.ok and seen == ["ieee", "ieee"]
 
 
 # ----------------------------------------------------------------------------- finding 3: OOM

@@ -40,6 +40,7 @@ weights, an unwritable run folder) raise before or during the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -59,7 +60,7 @@ from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dat
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
 from clip_es.model.inputs import input_size, normalise, preprocess, resize_input  # noqa: F401 (preprocess re-exported)
-from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, resolve_precision
+from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, exact_fp32, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
@@ -300,9 +301,10 @@ class CamEngine:
         x = normalise(x.to(c.device, non_blocking=True), c.mean, c.std)
         d = self._frozen(x)
         texts = [torch.cat([self.class_text[k], self.bg_text], 0) for k in keys]
-        g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
-                                  c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
-                                  autocast_dtype=autocast_dtype(self.last_block))
+        with exact_fp32(str(c.device)) if self.last_block == "fp32" else contextlib.nullcontext():  # no TF32
+            g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
+                                      c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
+                                      autocast_dtype=autocast_dtype(self.last_block))
         if not cfg.caa or g.cam.shape[1] == 0:
             return g.cam, g.cam.clone()
         last = g.attn_last.double()
