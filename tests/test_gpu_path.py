@@ -25,6 +25,7 @@ from clip_es.errors import ConfigError
 from clip_es.model import precision as prec
 from clip_es.stage import bind_device, is_out_of_memory, pick_device, resolve_device
 from clip_es.train import checkpoint as ckpt
+from tests.test_segmenter import base_run  # noqa: F401  (session fixture reused)
 
 TEMPLATE = ("a photo of a {}.",)
 
@@ -552,3 +553,79 @@ def test_ranks_that_name_one_gpu_are_refused_after_comparing(monkeypatch):
     with pytest.raises(ConfigError, match="ranks 0 and 1 compute on one GPU"):
         dd._compare_gpus(dd.DistInfo(rank=0, world=2, local_rank=0), "cuda:0")
     assert destroyed == ["gloo-group"]
+
+
+# ----------------------------------------------------------------------------- issue 29, item 8: per-rank RNG
+def _fake_world(monkeypatch, rank: int, other_rng: dict) -> list[int]:
+    """``train_segmenter`` as rank ``rank`` of a faked 2-process torchrun (the collectives faked: the
+    other rank's RNG state is ``other_rng``); returns the seeds ``torch.manual_seed`` was given."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from clip_es.train import loop
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(loop, "distributed", lambda info, device, requested=None: contextlib.nullcontext())
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objs, src=0: None)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: None)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+
+    def gather_object(obj, out, dst=0):
+        if out is not None:
+            out[:] = [obj, other_rng] if rank == 0 else [other_rng, obj]
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    seeds: list[int] = []
+    real_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (seeds.append(int(s)), real_seed(s))[1])
+    return seeds
+
+
+def test_every_ranks_rng_is_saved_and_each_rank_resumes_its_own(base_run, tmp_path, monkeypatch):  # noqa: F811
+    """Under (faked) torchrun each rank seeds its dropout with seed + rank, every rank's RNG state
+    goes into the checkpoint, and a resumed rank 1 restores rank 1's (before: rank 0's for all)."""
+    import shutil
+
+    from clip_es.train import loop
+    from clip_es.train.checkpoint import rng_state
+    from clip_es.train.loop import TrainConfig, train_segmenter
+    from tests.test_segmenter import SMALL
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    torch.manual_seed(1234)
+    other = rng_state()  # stands for rank 1's state at the save
+    cfg = TrainConfig(run=str(run), steps=2, save_every=2, **{**SMALL, "seed": 7})
+    with monkeypatch.context() as m:
+        seeds = _fake_world(m, 0, other)
+        train_segmenter(cfg, progress=False)
+    assert seeds[-1] == 7  # rank 0: seed + 0 after the (shared) initial weights
+    ck = torch.load(run / "segmenter" / "last.pt", map_location="cpu", weights_only=True)
+    assert len(ck["rng_ranks"]) == 2 and torch.equal(ck["rng_ranks"][1]["torch"], other["torch"])
+    assert not torch.equal(ck["rng_ranks"][0]["torch"], other["torch"])
+
+    restored = []
+    with monkeypatch.context() as m:
+        seeds = _fake_world(m, 1, ck["rng_ranks"][0])
+        m.setattr(loop, "set_rng_state", lambda st: restored.append(st))
+        train_segmenter(TrainConfig(run=str(run), steps=3, save_every=2, resume=True, **{**SMALL, "seed": 7}),
+                        progress=False)
+    assert 8 in seeds  # rank 1: seed + 1
+    assert len(restored) == 1 and torch.equal(restored[0]["torch"], other["torch"])
+
+
+def test_a_checkpoint_with_rank_0s_rng_only_resumes_with_a_warning(caplog):
+    from clip_es.train.checkpoint import rank_rng_state
+
+    old = {"rng": {"torch": torch.zeros(3)}}
+    with caplog.at_level(logging.WARNING):
+        assert rank_rng_state(old, 1, 2) is old["rng"]
+    assert "rank 1 resumes from rank 0's" in caplog.text
+    caplog.clear()
+    new = {"rng": "r0", "rng_ranks": ["r0", "r1"]}
+    assert rank_rng_state(new, 1, 2) == "r1" and rank_rng_state({"rng": "r0", "rng_ranks": ["r0"]}, 0, 1) == "r0"
+    assert not caplog.text

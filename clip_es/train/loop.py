@@ -38,8 +38,8 @@ from clip_es.rundir import RunDir, atomic_write_bytes, params_hash
 from clip_es.stage import bind_device, resolve_device
 # checkpoint I/O and the DDP set-up live in their own modules; re-exported for existing imports
 from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_checkpoint,  # noqa: F401
-                                      load_model_state, model_state, rng_state, save_checkpoint, set_rng_state,
-                                      weights_only)
+                                      load_model_state, model_state, rank_rng_state, rng_state, save_checkpoint,
+                                      set_rng_state, weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
 from clip_es.train.families import SCHEDULES, BuildContext, TrainDefaults, get_family
@@ -411,6 +411,19 @@ def train_segmenter(cfg: TrainConfig, progress: bool = True,
         return _train(cfg, info, device, progress, on_step)
 
 
+def _every_rank_rng(info: DistInfo) -> list[dict[str, Any]] | None:
+    """Every rank's :func:`rng_state`, gathered on rank 0 (``None`` on the others); a collective
+    under torchrun, so all ranks call it at the same steps."""
+    state = rng_state()
+    if not info.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    states: list | None = [None] * info.world if info.main else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
 def _prepare(cfg: TrainConfig, run: RunDir, out: Path) -> dict[str, Any]:
     """Rank-0 preparation: check the checkpoint situation and the options, register the stage, cache the text."""
     if not run.manifest_path.is_file():
@@ -474,6 +487,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                        backbone_pretrained=cfg.backbone_pretrained, clip_model=cfg.clip_model,
                        clip_pretrained=cfg.clip_pretrained)
     model = family.build(arch, ctx).to(device)
+    if info.enabled:  # the same initial weights on every rank, then each rank its own dropout masks
+        torch.manual_seed(cfg.seed + info.rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr) if trainable else None
     loss_fn = get_loss(cfg.resolved_loss())
@@ -493,7 +508,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         if ck.get("ids_hash") != ids_hash and info.main:
             log.warning("the training images changed since %s was saved (labels added or removed): the "
                         "resumed run samples differently from an uninterrupted one", ckpt_path)
-        set_rng_state(ck["rng"])
+        set_rng_state(rank_rng_state(ck, info.rank, info.world))
         if info.main:
             log.info("resuming %s at step %d", ckpt_path, start)
 
@@ -513,11 +528,13 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                                          pin_memory=device.startswith("cuda"),
                                          generator=torch.Generator().manual_seed(cfg.seed))
 
-    def save(step: int) -> None:
+    def save(step: int, rngs: list[dict[str, Any]]) -> None:
+        """Rank 0 writes the checkpoint; ``rngs``: every rank's RNG state (:func:`_every_rank_rng`)."""
         ck = {"format": CHECKPOINT_FORMAT, "model": model_state(model),
               "optimizer": opt.state_dict() if opt is not None else {},
               "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world},
-              "text": payload, "log": [list(r) for r in rows], "rng": rng_state(), "ids_hash": ids_hash}
+              "text": payload, "log": [list(r) for r in rows], "rng": rngs[0], "rng_ranks": rngs,
+              "ids_hash": ids_hash}
         save_checkpoint(ckpt_path, ck)
         save_checkpoint(out / MODEL, weights_only(ck))
         _write_log(out / LOG, rows)
@@ -527,7 +544,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         log.info("segmenter %s: %.2fM parameters, %.2fM trainable", cfg.arch, n_total / 1e6, n_trainable / 1e6)
     if opt is None:  # a family that needs no training: its checkpoint records the arch and the text
         if info.main:
-            save(cfg.steps)
+            save(cfg.steps, [rng_state()] * info.world)  # nothing draws from the RNGs: every rank's is rank 0's
             run.record(cfg.name, status="done", step=cfg.steps, last_loss=None, images_per_s=None,
                        world_size=info.world, parameters=n_total, trainable_parameters=0)
         return TrainResult(str(run.path), str(ckpt_path), cfg.steps, cfg.steps, None, None, info.world, None)
@@ -565,20 +582,22 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                 rate, t_rate, n_rate = n_rate / max(dt, 1e-9), time.perf_counter(), 0
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}" if rate else "-")
-            if info.main:
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    save(step)
-                elif step % cfg.log_every == 0:
-                    _write_log(out / LOG, rows)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                rngs = _every_rank_rng(info)  # a collective: every rank, at the same steps
+                if info.main:
+                    save(step, rngs)
+            elif info.main and step % cfg.log_every == 0:
+                _write_log(out / LOG, rows)
             if on_step is not None:
                 on_step(step, last_loss)
     finally:
         bar.close()
     if info.enabled:
         dist.barrier()
+    rngs = _every_rank_rng(info) if step == start else None
     if info.main:
-        if step == start and not ckpt_path.is_file():
-            save(step)
+        if rngs is not None and not ckpt_path.is_file():
+            save(step, rngs)
         run.record(cfg.name, status="done" if step >= cfg.steps else "partial", step=step,
                    last_loss=last_loss, images_per_s=rate, world_size=info.world,
                    parameters=n_total, trainable_parameters=n_trainable)
