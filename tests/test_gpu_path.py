@@ -629,3 +629,37 @@ def test_a_checkpoint_with_rank_0s_rng_only_resumes_with_a_warning(caplog):
     new = {"rng": "r0", "rng_ranks": ["r0", "r1"]}
     assert rank_rng_state(new, 1, 2) == "r1" and rank_rng_state({"rng": "r0", "rng_ranks": ["r0"]}, 0, 1) == "r0"
     assert not caplog.text
+
+
+# ----------------------------------------------------------------------------- issue 29, item 7: training precision
+def test_training_under_bf16_autocast_is_recorded_and_differs_from_fp32(base_run, tmp_path, monkeypatch):  # noqa: F811
+    """``--precision bf16`` trains under autocast (its losses differ from fp32's, stay finite), the
+    checkpoint records the resolved precision, and ``auto`` resolves per device (bf16 where native)."""
+    import shutil
+
+    from clip_es.train import loop
+    from clip_es.train.loop import TrainConfig, train_segmenter
+    from tests.test_segmenter import SMALL
+
+    ck = {}
+    for precision in ("fp32", "bf16", "auto"):
+        run = tmp_path / precision
+        shutil.copytree(base_run, run)
+        if precision == "auto":
+            monkeypatch.setattr(prec, "has_native_bf16", lambda device: False)  # a CPU without avx512_bf16/AMX
+        res = train_segmenter(TrainConfig(run=str(run), steps=2, precision=precision, **SMALL), progress=False)
+        assert res.last_loss is not None and np.isfinite(res.last_loss)
+        ck[precision] = torch.load(run / "segmenter" / "last.pt", map_location="cpu", weights_only=True)
+    assert [ck[p]["config"]["precision"] for p in ("fp32", "bf16", "auto")] == ["fp32", "bf16", "fp32"]
+    assert ck["bf16"]["config"]["train"]["precision"] == "bf16" and "precision" not in ck["fp32"]["config"]["train"]
+    assert ck["bf16"]["log"] != ck["fp32"]["log"] and ck["auto"]["log"] == ck["fp32"]["log"]
+    with pytest.raises(ConfigError, match="--precision must be one of auto, fp32, bf16, fp16"):
+        TrainConfig(run="r", precision="tf32").validate()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "GradScaler is enabled, but CUDA is not available" on this CPU
+        amp, scaler = loop._mixed_precision("fp16", "cuda:0")
+    assert amp is torch.float16 and scaler is not None
+    assert loop._mixed_precision("bf16", "cuda:0") == (torch.bfloat16, None)
+    assert loop._mixed_precision("fp32", "cpu") == (None, None)
