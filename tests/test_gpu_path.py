@@ -663,3 +663,31 @@ def test_training_under_bf16_autocast_is_recorded_and_differs_from_fp32(base_run
     assert amp is torch.float16 and scaler is not None
     assert loop._mixed_precision("bf16", "cuda:0") == (torch.bfloat16, None)
     assert loop._mixed_precision("fp32", "cpu") == (None, None)
+
+
+# ----------------------------------------------------------------------------- issue 29, item 9: host side
+def test_a_cuda_batch_is_concatenated_into_page_locked_memory(toy_root, tiny_clip, tiny_clip_path, tmp_path,
+                                                             monkeypatch):
+    """``torch.cat`` of pinned views makes a pageable tensor (its non_blocking copy is synchronous):
+    for CUDA the views are concatenated into one page-locked buffer instead; the cam stage's batches
+    go through that."""
+    made = []
+
+    def pinned_empty(shape, dtype):  # stands for torch.empty(..., pin_memory=True), which needs a GPU
+        t = torch.empty(shape, dtype=dtype)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(cam_run, "_pinned_empty", pinned_empty)
+    views = [torch.randint(0, 255, (1, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    out = cam_run.cat_views(views, torch.device("cuda", 0))
+    assert len(made) == 1 and out.data_ptr() == made[0].data_ptr() and torch.equal(out, torch.cat(views))
+    assert torch.equal(cam_run.cat_views(views, torch.device("cpu")), out) and len(made) == 1  # the CPU: plain cat
+
+    seen = []
+    real = cam_run.cat_views
+    monkeypatch.setattr(cam_run, "cat_views", lambda v, d: (seen.append(len(v)), real(v, d))[1])
+    res = generate_cams(_same_size(toy_root, tmp_path, tiny_clip_path, 4, batch_size=2), clip=tiny_clip,
+                        progress=False)
+    assert res.ok and seen == [2, 2]

@@ -225,11 +225,6 @@ class Prepared:
     views: list[torch.Tensor] = field(default_factory=list)
     error: str | None = None
 
-    def pin_memory(self) -> "Prepared":
-        """Page-lock the views (the DataLoader calls it with ``pin_memory=True``, on CUDA)."""
-        self.views = [v.pin_memory() for v in self.views]
-        return self
-
     @property
     def bucket(self) -> tuple:
         """Images with the same bucket key can share a batched forward."""
@@ -344,7 +339,7 @@ class CamEngine:
         gh, gw = self.record_grid(items[0].work)
         acc = None
         for j, (_, f) in enumerate(views):
-            cam, caa = self._batch_view(torch.cat([it.views[j] for it in items]), keys, mode)
+            cam, caa = self._batch_view(cat_views([it.views[j] for it in items], self.clip.device), keys, mode)
             both = torch.stack([cam, caa]).float()  # (2, B, K, h, w)
             if tuple(both.shape[-2:]) != (gh, gw):
                 both = resize_maps(both, (gh, gw))
@@ -363,6 +358,24 @@ class CamEngine:
             keys: 0-based class indices (the targets).
         """
         return self.compute_batch([self.prepare(image, keys=keys)], mode)[0]
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised page-locked host tensor (a function so tests can stand in for CUDA's)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def cat_views(views: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The batch ``(B, 3, h, w)`` of ``B`` one-image views, on the host.
+
+    For a CUDA ``device`` the views are concatenated straight into page-locked memory, so the
+    ``non_blocking`` host-to-device copy that follows is really asynchronous: ``torch.cat`` of
+    pinned views would make a new pageable tensor, whose copy is synchronous (the loader
+    therefore does not pin the single views: one pinned copy per batch, not two)."""
+    if torch.device(device).type != "cuda":
+        return torch.cat(views)
+    out = _pinned_empty((sum(v.shape[0] for v in views), *views[0].shape[1:]), views[0].dtype)
+    return torch.cat(views, out=out)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -564,7 +577,7 @@ def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
     loader = torch.utils.data.DataLoader(_Inputs(worker_view(ds, ids), ids, prep), batch_size=None, shuffle=False,
                                          num_workers=workers, multiprocessing_context="spawn",
                                          worker_init_fn=_init_loader_worker,
-                                         pin_memory=engine.clip.device.type == "cuda",
+                                         pin_memory=False,  # cat_views pins the batch (one copy, not two)
                                          prefetch_factor=max(2, 2 * engine.cfg.batch_size // workers + 1))
     yield from loader
 
