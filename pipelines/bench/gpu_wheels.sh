@@ -12,14 +12,26 @@
 # machine's own. Wheels with compiled code are for this Python (its version and platform); the
 # GPU machine's Python must match (gpu_check.sh --wheels says so when pip refuses one).
 #
+# Size: about 100 MB in all, 64 MB of it opencv-python-headless; where the GPU machine has OpenCV
+# (gpu_check.sh's import check names cv2 when it has not), leave it out for a ~37 MB folder:
+#
+#     pipelines/bench/gpu_wheels.sh DIR --leave-out opencv-python-headless
+#
 # Environment: PYTHON (default: .venv/bin/python when present), the environment whose installed
 # versions are taken.
 set -euo pipefail
-if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: gpu_wheels.sh DIR  (a folder for the wheels; see the comment at the top)" >&2
-  exit 2
-fi
+usage() { echo "usage: gpu_wheels.sh DIR [--leave-out NAME,NAME]  (see the comment at the top)" >&2; exit 2; }
+[ $# -ge 1 ] && [ "${1#-}" = "$1" ] || usage
 DIR=$1
+shift
+LEAVE=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --leave-out) [ $# -ge 2 ] || usage; LEAVE=$2; shift ;;
+    *) usage ;;
+  esac
+  shift
+done
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 if [ -n "${PYTHON:-}" ]; then
@@ -33,7 +45,7 @@ fi
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 # name==version of every distribution the project (and pytest) pulls in, minus torch's own closure
-"$PY" - "$DIR/requirements.txt" <<'EOF'
+"$PY" - "$DIR/requirements.txt" "$LEAVE" <<'EOF'
 import importlib.metadata as md
 import re
 import sys
@@ -73,14 +85,21 @@ def closure(roots, stop=()):
 torch = closure(["torch", "torchvision"])
 ours = closure([*requires("clip_es"), "pytest"], stop=torch)
 ours.pop("clip-es", None)
+for name in filter(None, sys.argv[2].split(",")):
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if ours.pop(key, None) is None:
+        raise SystemExit(f"gpu_wheels.sh: --leave-out {name}: not among the packages: {', '.join(sorted(ours))}")
 with open(sys.argv[1], "w") as f:
     f.writelines(f"{k}=={v}\n" for k, v in sorted(ours.items()))
 print(f"gpu_wheels: {len(ours)} packages beyond torch ({len(torch)} of torch's left to the GPU machine)")
 EOF
 # binary wheels where the index has them, else built here (pydensecrf2 ships as an sdist)
 "$PY" -m pip wheel -q --no-deps -w "$DIR" -r "$DIR/requirements.txt"
+had_build=0; [ -e "$ROOT/build" ] && had_build=1
+had_egg=0; [ -e "$ROOT/clip_es.egg-info" ] && had_egg=1
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIR" "$ROOT"
-rm -rf "$ROOT/build" "$ROOT"/*.egg-info 2>/dev/null || true
+[ "$had_build" = 1 ] || rm -rf "$ROOT/build"  # only what this build made
+[ "$had_egg" = 1 ] || rm -rf "$ROOT/clip_es.egg-info"
 n=$(ls "$DIR"/*.whl | wc -l)
 mb=$(du -sm "$DIR" | cut -f1)
 echo "gpu_wheels: $n wheels, $mb MB in $DIR"
