@@ -175,7 +175,7 @@ step() {  # step NAME SHOW COMMAND... ; SHOW=1 puts the whole table in the summa
   t1=$(date +%s%N)
   secs=$(printf '%d.%d' $(((t1 - t0) / 1000000000)) $((((t1 - t0) / 100000000) % 10)))
   last=$(grep -v -e '^\s*$' -e 'it/s]' -e 'img/s]' -e 'step/s]' -e '^\s*warnings' "$LOGS/$name.log" | tail -n 1 |
-         cut -c1-200)
+         cut -c1-400)
   if [ "$rc" = 0 ]; then
     if [ "$show" = 1 ]; then
       say "STEP $name: ok ($secs s)"
