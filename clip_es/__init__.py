@@ -13,7 +13,8 @@ Datasets, through a run folder (one call per ``clipes`` command)::
 
     clip_es.generate_cams(clip_es.CamConfig(dataset="folder", root="mydata", split="train", out="runs/mine"))
     clip_es.refine_masks(clip_es.RefineConfig(run="runs/mine"))
-    clip_es.export_run("runs/mine", "coco", "mine_masks.json")
+    clip_es.export_run("runs/mine", "cvat", "fix/cvat.zip", limit=50, order="least-sure", review=True)
+    clip_es.import_masks("runs/mine", "cvat_export.zip", "cvat")   # then TrainConfig(labels="corrected")
 
 Names are imported on first use: ``import clip_es`` alone loads neither torch nor a model.
 """
@@ -41,6 +42,7 @@ _LAZY: dict[str, str] = {
     "LabelConfig": "clip_es.label",
     "label_folder": "clip_es.label",
     "export_run": "clip_es.export",
+    "import_masks": "clip_es.export",
     "EvalOptions": "clip_es.evaluate",
     "evaluate_run": "clip_es.evaluate",
     "load_clip": "clip_es.model.resolve",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from clip_es.data.base import ClassSpec
     from clip_es.errors import ClipEsError
     from clip_es.evaluate import EvalOptions, evaluate_run
-    from clip_es.export import export_run
+    from clip_es.export import export_run, import_masks
     from clip_es.label import LabelConfig, label_folder
     from clip_es.labeler import Labeler, PseudoMask
     from clip_es.model.resolve import load_clip

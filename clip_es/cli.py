@@ -403,14 +403,44 @@ def refine(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder 
 
 # ----------------------------------------------------------------------------- export
 @app.command()
-def export(run: Path = typer.Option(..., "--run", help="Run folder with refine outputs."),
+def export(run: Path = typer.Option(..., "--run", help="Run folder with refine outputs (clipes label's OUT is one)."),
            fmt: str = typer.Option("coco", "--format", "-f", help="coco (one JSON file, one RLE per image and "
-                                                                  "class) or png (palette PNGs + classes.txt)."),
-           out: Path = typer.Option(..., "--out", "-o", help="coco: the JSON file; png: the folder.")) -> None:
-    """Export the pseudo masks: COCO-style JSON with RLE segmentations, or a folder of palette PNGs."""
+                                   "class, with scores; CVAT 'COCO 1.0' reads it too), png (palette PNGs + "
+                                   "classes.txt), cvat (CVAT 'Segmentation mask 1.1': a .zip or a folder), "
+                                   "labelstudio (tasks.json with brush pre-annotations + labeling_config.xml) or "
+                                   "fiftyone (ImageSegmentationDirectory + mask_targets.json)."),
+           out: Path = typer.Option(..., "--out", "-o", help="coco: the JSON file; cvat: a .zip file or a folder; "
+                                    "png, labelstudio, fiftyone: the folder."),
+           limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images in --order: a first "
+                                               "batch to correct."),
+           order: str = typer.Option("dataset", "--order", help="dataset (the dataset's order) or least-sure "
+                                     "(lowest refine confidence first, then most unsure pixels): with --limit, "
+                                     "correct the doubtful images first."),
+           review: bool = typer.Option(True, "--review/--no-review", help="Also write review.csv (image, labels, "
+                                       "share of unsure pixels, lowest class confidence, overlay path; least sure "
+                                       "first) and an overlay picture per image: inside the png, labelstudio or "
+                                       "fiftyone folder; beside a coco file or cvat export. --no-review skips the "
+                                       "overlays (one image decode each) on a large run.")) -> None:
+    """Export the pseudo masks for a labelling tool (CVAT, Label Studio, FiftyOne) or as COCO / PNG, with a
+    confidence per image and mask. Confidence needs the run refined with --save-conf (clipes label saves it)."""
     from clip_es.export import export_run
 
-    typer.echo(export_run(run, fmt, out).summary())
+    typer.echo(export_run(run, fmt, out, limit=limit, order=order, review=review).summary())
+
+
+@app.command("import-masks")
+def import_masks_cmd(run: Path = typer.Option(..., "--run", help="Run folder the masks were exported from."),
+                     src: Path = typer.Option(..., "--from", help="What the tool exported: cvat: the "
+                                              "'Segmentation mask 1.1' zip (or its folder); labelstudio: the "
+                                              "project's JSON export; coco: a COCO JSON; png: a folder of "
+                                              "<id>.png; fiftyone: an ImageSegmentationDirectory."),
+                     fmt: str = typer.Option(..., "--format", "-f", help="cvat, labelstudio, coco, png or "
+                                             "fiftyone.")) -> None:
+    """Store corrected masks in the run (RUN/corrected) for 'clipes train --labels corrected'. Everything is
+    checked first: a bad file, size or class name changes nothing."""
+    from clip_es.export import import_masks
+
+    typer.echo(import_masks(run, src, fmt).summary())
 
 
 # ----------------------------------------------------------------------------- label
@@ -484,7 +514,8 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                    "--labels says otherwise). Under torchrun write --run-dir: torchrun's own parser "
                                    "rejects --run as an ambiguous prefix of its --run-path."),
           labels: str = typer.Option("refine", "--labels", help="Training masks: refine (RUN/refine/masks, 255 = "
-                                     "ignored by the loss), crf (RUN/refine/crf), gt (dataset ground truth) or a "
+                                     "ignored by the loss), corrected (masks stored by clipes import-masks, the "
+                                     "refine mask elsewhere), crf (RUN/refine/crf), gt (dataset ground truth) or a "
                                      "folder of <id>.png."),
           name: str = typer.Option("segmenter", "--name", help="Output folder RUN/NAME and manifest stage "
                                    "(clipes eval reports every segmenter in the run)."),
@@ -516,12 +547,13 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
           unseen: Optional[str] = typer.Option(None, "--unseen", help="Comma-separated classes to hold out "
                                                "(zero-shot protocol): their pixels are ignored and their names "
                                                "never reach the model; segment/eval can still ask for them."),
-          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: the names are known; "
-                                            "pixels the masks give to unseen classes are ignored until "
-                                            "--self-train-from, then labelled with the unseen class the model "
-                                            "scores highest there (ZegCLIP's self-training)."),
+          transductive: bool = typer.Option(False, "--transductive", help="With --unseen: inductive until "
+                                            "--self-train-from, then the unseen names join and each pixel the "
+                                            "masks give to an unseen class is labelled with the unseen class "
+                                            "the model scores highest there (ZegCLIP's self-training)."),
           self_train_from: float = typer.Option(0.5, "--self-train-from", help="With --transductive: fraction of "
-                                                "--steps before self-training starts."),
+                                                "--steps before self-training starts (1 = never: the same "
+                                                "as inductive)."),
           prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
           no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
                                            "alone (no relationship descriptor with the image's CLS)."),

@@ -55,3 +55,8 @@ class StageFailures(ClipEsError):
     """A stage finished but some images failed; the manifest lists them."""
 
     exit_code = 1
+
+
+class MaskImportError(ClipEsError):
+    """Corrected masks to import (``clipes import-masks``) are malformed or do not match the run:
+    truncated file, wrong size, unknown class or colour, an image that is not the run's."""

@@ -382,6 +382,7 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                                       threads=cfg.threads),
                             clip=clip, progress=progress)
     res.refine = refine_masks(RefineConfig(run=str(out), conf=cfg.conf, max_side=cfg.max_side, workers=cfg.workers,
+                                           save_conf=True,  # confidence per mask and image in the exports
                                            threads=cfg.threads), progress=progress)
     from clip_es.refine.store import MASKS, output_ids
 

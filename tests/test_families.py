@@ -117,18 +117,33 @@ def test_transductive_supervises_unseen_only_by_self_training(run_dir, monkeypat
                                           self_train_from=0.5, **SMALL), progress=False)
     ck = torch.load(run_dir / "segmenter" / "last.pt", weights_only=True)
     names = [c[0] for c in ck["text"]["classes"]]
-    ring, fish = names.index("ring") + 1, names.index("fish") + 1   # transductive: every class has its channel
+    ring, fish = names.index("ring") + 1, names.index("fish") + 1   # channels once every name is in
     assert len(seen_steps) == 6
     labelled_after = 0
     for step, (logits, y) in enumerate(seen_steps):
-        on_unseen = (y == ring) | (y == fish)
-        if step < 3:
-            assert not on_unseen.any(), f"step {step}: an unseen class supervised before self-training"
+        if step < 3:   # inductive first: the seen names only (an unseen channel could only meet negatives)
+            assert logits.shape[1] == 1 + len(names) - 2, f"step {step}: unseen names before self-training"
         else:
+            assert logits.shape[1] == 1 + len(names)
+            on_unseen = (y == ring) | (y == fish)
             pick = torch.where(logits[:, ring] >= logits[:, fish], ring, fish)
             assert torch.equal(y[on_unseen], pick[on_unseen])
             labelled_after += int(on_unseen.sum())
     assert labelled_after > 0  # the crops did hold unseen objects, and self-training labelled them
+
+
+def test_transductive_never_started_is_inductive(run_dir):  # noqa: F811
+    """--self-train-from 1: the unseen names never join, so the weights equal an inductive run's."""
+    from clip_es.train import loop
+
+    weights = {}
+    for name, extra in (("ind", {}), ("trans", {"transductive": True, "self_train_from": 1.0})):
+        loop.train_segmenter(loop.TrainConfig(run=str(run_dir), name=name, steps=3, unseen=("ring", "fish"),
+                                              **extra, **SMALL), progress=False)
+        weights[name] = torch.load(run_dir / name / "model.pt", weights_only=True)["model"]
+    assert weights["ind"].keys() == weights["trans"].keys()
+    for k, v in weights["ind"].items():
+        assert torch.equal(v, weights["trans"][k]), k
 
 
 def test_seen_unseen_arithmetic():

@@ -6,6 +6,9 @@
     RUN/refine/crf/<id>.png       CRF argmax without ignore (same ids, VOC palette); CRF runs only
     RUN/refine/conf/<id>.png      grayscale uint8 round(max_c Q_c * 255); --save-conf only
 
+    RUN/corrected/<id>.png        a pseudo mask corrected by hand, same values (``clipes import-masks``;
+                                  ``clipes train --labels corrected`` prefers it to masks/<id>.png)
+
 Other stages (eval, export, show, the segmenter) read these through the helpers here.
 """
 
@@ -22,6 +25,7 @@ from clip_es.rundir import RunDir
 STAGE = "refine"
 MASKS, CRF, CONF = "masks", "crf", "conf"
 KINDS = (MASKS, CRF, CONF)
+CORRECTED = "corrected"
 
 
 def refine_dir(run: RunDir | str | Path, kind: str) -> Path:
@@ -30,6 +34,13 @@ def refine_dir(run: RunDir | str | Path, kind: str) -> Path:
         raise ValueError(f"unknown refine output {kind!r}; valid: {', '.join(KINDS)}")
     rd = run if isinstance(run, RunDir) else RunDir(run)
     return rd.stage_dir(STAGE) / kind
+
+
+def corrected_dir(run: RunDir | str | Path) -> Path:
+    """``RUN/corrected``: the hand-corrected masks ``clipes import-masks`` stores (not a refine output:
+    re-running refine leaves them as they are)."""
+    rd = run if isinstance(run, RunDir) else RunDir(run)
+    return rd.path / CORRECTED
 
 
 def output_path(run: RunDir | str | Path, kind: str, image_id: str) -> Path:

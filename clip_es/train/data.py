@@ -4,6 +4,8 @@ Label sources (``--labels``):
 
 * ``refine`` (default): ``RUN/refine/masks/<id>.png``, confidence-guided pseudo masks (255 = ignore);
 * ``crf``: ``RUN/refine/crf/<id>.png``, CRF argmax without ignore;
+* ``corrected``: ``RUN/corrected/<id>.png`` where ``clipes import-masks`` stored a mask corrected by
+  hand, the pseudo mask ``RUN/refine/masks/<id>.png`` elsewhere;
 * ``gt``: the dataset's ground truth (an upper bound; also how the code is tested);
 * any folder path: ``FOLDER/<id>.png``.
 
@@ -29,7 +31,9 @@ from clip_es.rundir import RunDir
 log = logging.getLogger(__name__)
 
 #: Named label sources -> refine output kind (see :mod:`clip_es.refine.store`); ``gt`` reads the dataset.
-LABEL_SOURCES: dict[str, str | None] = {"refine": "masks", "crf": "crf", "gt": None}
+LABEL_SOURCES: dict[str, str | None] = {"refine": "masks", "crf": "crf", "corrected": "masks", "gt": None}
+#: The label source whose masks ``RUN/corrected/<id>.png`` replace the pseudo masks where they exist.
+CORRECTED = "corrected"
 
 
 class LabelSource:
@@ -37,6 +41,14 @@ class LabelSource:
 
     def __init__(self, run: RunDir, spec: str):
         self.spec = spec
+        self.override: Path | None = None  # corrected masks, read first
+        if spec == CORRECTED:
+            from clip_es.refine.store import corrected_dir
+
+            self.override = corrected_dir(run)
+            if not self.override.is_dir():
+                raise ConfigError(f"no corrected masks in {self.override}; store them first with 'clipes "
+                                  f"import-masks --run {run.path} --from FILE --format cvat|labelstudio|coco|png'")
         if spec in LABEL_SOURCES:
             kind = LABEL_SOURCES[spec]
             if kind is None:
@@ -50,7 +62,7 @@ class LabelSource:
         else:
             raise ConfigError(f"--labels must be one of {', '.join(LABEL_SOURCES)} or an existing folder of "
                               f"<id>.png masks, got {spec!r}")
-        if self.folder is not None and not self.folder.is_dir():
+        if self.folder is not None and not self.folder.is_dir() and self.override is None:
             hint = " (run 'clipes refine' first, or train on --labels gt to test)" if spec in LABEL_SOURCES else ""
             raise ConfigError(f"label folder {self.folder} does not exist{hint}")
 
@@ -59,6 +71,8 @@ class LabelSource:
         if self.folder is None:
             return [i for i in ids if ds.gt_path(i) is not None] if hasattr(ds, "gt_path") else list(ids)
         have = {p.stem for p in self.folder.glob("*.png")}
+        if self.override is not None:
+            have |= {p.stem for p in self.override.glob("*.png")}
         return [i for i in ids if i in have]
 
     def load(self, ds, image_id: str) -> np.ndarray:
@@ -68,6 +82,8 @@ class LabelSource:
             if m is None:
                 raise DatasetError(f"{image_id}: no ground-truth mask in {ds.root}")
             return m
+        if self.override is not None and (self.override / f"{image_id}.png").is_file():
+            return read_mask(self.override / f"{image_id}.png")
         return read_mask(self.folder / f"{image_id}.png")
 
 

@@ -87,11 +87,12 @@ class TrainConfig:
             per-class focal + dice); ``None`` = the family's default.
         unseen: class names held out (inductive zero-shot protocol): their pixels in the training
             masks become ignored and their names never reach the model; recorded in the checkpoint.
-        transductive: with ``unseen``, the names are known to the model; the pixels the masks give
-            to an unseen class are ignored until step ``self_train_from * steps``, then each is labelled
-            with the unseen class the model scores highest there (ZegCLIP's online self-training; the
-            mask's own unseen label is never used).
-        self_train_from: fraction of ``steps`` before self-training starts (``transductive``).
+        transductive: with ``unseen``, trained inductively until step ``self_train_from * steps``
+            (seen names only, unseen pixels ignored), then on every name: each pixel the masks give to
+            an unseen class is labelled with the unseen class the model scores highest there (ZegCLIP's
+            self-training; the mask's own unseen label is never used).
+        self_train_from: fraction of ``steps`` before self-training starts (``transductive``; 1 = never:
+            the names are known, the unseen pixels stay ignored).
         prompts, relation: ``zegclip``: deep visual prompt tokens per block (0 = none), relationship
             descriptor on (``False``: class queries from the text alone).
         dense_path: ``clip``: the last block's ``value`` path (MaskCLIP) or the ``plain`` block.
@@ -192,8 +193,9 @@ class TrainConfig:
             raise ConfigError(f"--name {cfg.name!r} is another stage's folder; pick e.g. 'segmenter'")
         if cfg.transductive and not cfg.unseen:
             raise ConfigError("--transductive needs --unseen (the classes to self-train on)")
-        if not 0 <= cfg.self_train_from < 1:
-            raise ConfigError(f"self-training start must be a fraction in [0, 1), got {cfg.self_train_from}")
+        if not 0 <= cfg.self_train_from <= 1:
+            raise ConfigError(f"self-training start must be a fraction in [0, 1] (1 = never), "
+                              f"got {cfg.self_train_from}")
         return cfg
 
     def resolved_loss(self) -> str:
@@ -495,14 +497,15 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     names = [str(c[0]) for c in payload["classes"]]
     seen, unseen = class_split(names, cfg.unseen)
     all_text = payload["embeddings"].to(device)
-    # inductive: the model sees only the seen names, masks renumbered to them, unseen pixels ignored;
-    # transductive: every name, unseen pixels pending until self-training labels them (self_train_targets)
-    keep = list(range(len(names))) if cfg.transductive else seen
-    text = all_text[keep]
-    lut = label_map(keep, unseen if cfg.transductive else ()).to(device)
-    unseen_channels = torch.tensor([keep.index(u) + 1 for u in unseen] if cfg.transductive else [],
-                                   dtype=torch.int64, device=device)
-    self_train_step = int(cfg.self_train_from * cfg.steps) if cfg.transductive else None
+    # inductive: the model sees only the seen names, masks renumbered to them, unseen pixels ignored.
+    # transductive: inductive until self-training starts (as ZegCLIP's seen-only first stage: an unseen
+    # name in the text before then only ever meets negatives), then every name, the unseen pixels pending
+    # and labelled by the model's own unseen argmax (self_train_targets)
+    phases = {False: (all_text[seen], label_map(seen).to(device))}
+    if cfg.transductive:
+        phases[True] = (all_text, label_map(list(range(len(names))), unseen).to(device))
+    unseen_channels = torch.tensor([u + 1 for u in unseen], dtype=torch.int64, device=device)
+    self_train_step = int(cfg.self_train_from * cfg.steps) if cfg.transductive else cfg.steps
     arch = cfg.arch_record(int(all_text.shape[1]))
     torch.manual_seed(cfg.seed)
     ctx = BuildContext(text=payload, device=device, for_training=True, backbone_weights=cfg.backbone_weights,
@@ -585,11 +588,13 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_mult", 1.0)
                 x = images.to(device, non_blocking=True).float().div_(255)
+                self_training = step >= self_train_step
+                text, lut = phases[self_training]
                 y = lut[masks.to(device, non_blocking=True)]
                 with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
                     logits, extras = net(x, text, return_extras=True)
-                    if self_train_step is not None:
-                        y = self_train_targets(logits, y, unseen_channels, started=step >= self_train_step)
+                    if self_training:
+                        y = self_train_targets(logits, y, unseen_channels)
                     loss = training_loss(loss_fn, logits, extras, y)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:  # fp16 on CUDA: scaled loss, steps with inf/NaN gradients skipped

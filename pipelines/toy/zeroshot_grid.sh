@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # The zero-shot grid of pipelines/toy/ZEROSHOT.md (issue 27): zegclip at its family defaults on
 # unseen pairs never tuned on, 2 seeds, 200 / 1000 / 2000 steps; the same family trained on every
-# class; the training-free clip baseline. Every cell 1 thread; JOBS cells at a time.
+# class; fusion trained on the seen classes and on every class (batch 4, crop 160: zegclip's);
+# zegclip transductive (self-training from half-way); the training-free clip baseline.
+# Every cell 1 thread; JOBS cells at a time; cells already trained are skipped.
 #   bash pipelines/toy/zeroshot_grid.sh BASE_RUN OUT   (BASE_RUN: cam + refine with every label)
+# env: PAIRS ("ball,boat star,flower ring,kite"), STEPS ("2000 200 1000": zegclip's step counts),
+#      CELLS ("zeg fusion trans": which kinds), JOBS (2), CLIPES (clipes)
 set -euo pipefail
 base=${1:?usage: zeroshot_grid.sh BASE_RUN OUT}; out=${2:?usage: zeroshot_grid.sh BASE_RUN OUT}
 jobs=${JOBS:-2}; clipes=${CLIPES:-clipes}; export OMP_NUM_THREADS=1
 pairs=${PAIRS:-"ball,boat star,flower ring,kite"}; steps=${STEPS:-"2000 200 1000"}
+kinds=${CELLS:-"zeg fusion trans"}
 [ -d "$out" ] || cp -r "$base" "$out"
 cells=()
-for st in $steps; do for p in $pairs; do for seed in 0 1; do
-  cells+=("z_${p/,/_}_${st}_s$seed --arch zegclip --unseen $p --steps $st --seed $seed"); done; done
-  for seed in 0 1; do cells+=("zfull_${st}_s$seed --arch zegclip --steps $st --seed $seed"); done; done
+for kind in $kinds; do case $kind in
+  zeg) for st in $steps; do for p in $pairs; do for seed in 0 1; do
+         cells+=("z_${p/,/_}_${st}_s$seed --arch zegclip --unseen $p --steps $st --seed $seed"); done; done
+         for seed in 0 1; do cells+=("zfull_${st}_s$seed --arch zegclip --steps $st --seed $seed"); done; done ;;
+  fusion) for seed in 0 1; do for p in $pairs; do
+         cells+=("f_${p/,/_}_s$seed --arch fusion --unseen $p --batch-size 4 --crop-size 160 --seed $seed"); done
+         cells+=("ffull_s$seed --arch fusion --batch-size 4 --crop-size 160 --seed $seed"); done ;;
+  trans) for seed in 0 1; do for p in $pairs; do
+         cells+=("t_${p/,/_}_s$seed --arch zegclip --unseen $p --transductive --seed $seed"); done; done ;;
+  *) echo "zeroshot_grid.sh: unknown cell kind '$kind' (zeg, fusion, trans)" >&2; exit 2 ;;
+esac; done
 "$clipes" train --run "$out" --arch clip --name clipv --device cpu --threads 1 >/dev/null 2>&1 || true
 printf '%s\n' "${cells[@]}" | xargs -P "$jobs" -I{} bash -c \
   'set -- {}; n=$1; shift; [ -f "'"$out"'/$n/model.pt" ] || "'"$clipes"'" train --run "'"$out"'" --name $n "$@" --device cpu --threads 1 > "'"$out"'/$n.log" 2>&1'
