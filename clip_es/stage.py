@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from clip_es.errors import ConfigError, first_line
 
 #: How many failure reasons a stage summary lists (the manifest has them all).
 SHOW_REASONS = 3
+
+#: Test hook, inert unless set: ``N:FILE`` makes a stage's main loop stop once ``N`` images are
+#: finished, create ``FILE`` and sleep there (signals are delivered as anywhere else) for up to
+#: :data:`HOLD_MAX_S` seconds, so a test can interrupt a run at a known point whatever the
+#: machine's speed (tests/test_first_hour_cli.py, the Ctrl-C tests).
+HOLD_ENV = "CLIPES_TEST_HOLD"
+HOLD_MAX_S = 120.0
 
 
 @dataclass
@@ -113,12 +121,37 @@ def bind_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
+def hold_for_test(finished: int) -> None:
+    """The :data:`HOLD_ENV` hook: called by a stage's main loop with how many images it has
+    finished; a no-op unless that variable is set (once its ``FILE`` exists, it never holds again)."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    count, _, marker = spec.partition(":")
+    if not count.isdigit() or not marker:
+        raise ConfigError(f"{HOLD_ENV} must be N:FILE, got {spec!r}")
+    if finished < int(count) or os.path.exists(marker):
+        return
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(f"{finished}\n")
+    deadline = time.monotonic() + HOLD_MAX_S
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def oom_error_type(torch) -> type[BaseException]:
+    """torch's out-of-memory exception class: ``torch.cuda.OutOfMemoryError`` (torch 1.13 and
+    newer; ``torch.OutOfMemoryError``, the same class, exists only from torch 2.5, while the
+    project supports torch 2.1). The one place the project names it."""
+    return torch.cuda.OutOfMemoryError
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """True for an allocation failure of one batch: ``MemoryError``, CUDA's
     ``OutOfMemoryError``, and the plain ``RuntimeError`` cuBLAS/cuDNN raise when their
     workspace allocation fails (``CUBLAS_STATUS_ALLOC_FAILED``, ``CUDNN_STATUS_ALLOC_FAILED``)."""
     torch = sys.modules.get("torch")
-    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, oom_error_type(torch))):
         return True
     return isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUBLAS_STATUS_ALLOC_FAILED",
                                                                      "CUDNN_STATUS_ALLOC_FAILED"))

@@ -80,6 +80,33 @@ def test_analytic_gradients_equal_autograd(tiny_clip, which):
         assert torch.allclose(fast.logits, ref.logits, atol=1e-5)  # -inf padding at the same places
 
 
+@pytest.mark.parametrize("mode", ["auto", "batched"])
+def test_gradcam_inside_a_callers_autocast_region(mode):
+    """Under a caller's CPU bf16 autocast (bench_cam.py [4]: the frozen blocks in bf16, so the tokens
+    and text arrive in bf16) both entry points run the last block in fp32 on the bundled clipes-tiny:
+    no 'mat1 and mat2 must have the same dtype', fp32 maps equal to the same call outside autocast."""
+    from clip_es.model.resolve import load_clip
+
+    visual = load_clip("clipes-tiny").visual
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    dim = visual.proj.shape[1]
+    texts = [torch.nn.functional.normalize(torch.randn(m, dim, generator=torch.Generator().manual_seed(m)), dim=-1)
+             for m in (6, 3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        d = dense_forward(visual, x)
+    assert d.penultimate.dtype == torch.bfloat16  # what the closed form used to meet
+    low = [t.bfloat16() for t in texts]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = softmax_gradcam(visual, d.penultimate[:1], d.grid, low[0], 3, 50.0, mode=mode)
+        many = softmax_gradcam_batch(visual, d.penultimate, d.grid, low, [3, 2], 50.0, mode=mode)
+    ref = softmax_gradcam_batch(visual, d.penultimate.float(), d.grid, [t.bfloat16().float() for t in texts],
+                                [3, 2], 50.0, mode=mode)
+    assert one.cam.dtype == many.cam.dtype == many.logits.dtype == torch.float32
+    assert float(ref.cam.amax()) == 1.0
+    assert float((many.cam - ref.cam).abs().max()) <= 1e-6
+    assert float((one.cam - ref.cam[0, :3]).abs().max()) <= 1e-5
+
+
 def test_analytic_refuses_blocks_it_does_not_cover(tiny_clip):
     """LayerScale or CLS pooling: ``auto`` falls back to autograd, an explicit analytic request is refused."""
     scaled = _vit(ls_init_value=0.5)

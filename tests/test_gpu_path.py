@@ -25,6 +25,7 @@ from clip_es.errors import ConfigError
 from clip_es.model import precision as prec
 from clip_es.stage import bind_device, is_out_of_memory, pick_device, resolve_device
 from clip_es.train import checkpoint as ckpt
+from tests.test_segmenter import base_run  # noqa: F401  (session fixture reused)
 
 TEMPLATE = ("a photo of a {}.",)
 
@@ -98,7 +99,7 @@ def test_train_binds_every_cuda_device_before_the_process_group(monkeypatch):
     class Stop(Exception):
         pass
 
-    def distributed(info, device):
+    def distributed(info, device, requested=None):
         raise Stop(device)
 
     monkeypatch.setattr(loop, "resolve_device", lambda d: "cuda:3")
@@ -127,17 +128,90 @@ def test_auto_bf16_follows_the_run_devices_compute_capability(monkeypatch):
     assert prec.resolve_precision("auto", "cpu") == "bf16"
 
 
-def test_fp32_switches_off_cudnn_tf32_on_cuda_only():
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+class _LegacyFlags:
+    """``torch.backends`` of torch < 2.9: only the legacy ``allow_tf32`` flags."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cuda = SimpleNamespace(matmul=SimpleNamespace(allow_tf32=True))
+        self.cudnn = SimpleNamespace(allow_tf32=True)
+
+
+class _Op:
+    """One operator's new-API flag; reading the legacy flag raises, as recent torch does after the new API was used."""
+
+    def __init__(self, value: str):
+        self.fp32_precision = value
+
+    @property
+    def allow_tf32(self):
+        raise RuntimeError("you have used mix of the legacy and new APIs to set the TF32 status")
+
+
+class _NewFlags:
+    """``torch.backends`` of torch >= 2.9 after ``set_float32_matmul_precision("high")``."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cuda = SimpleNamespace(matmul=_Op("tf32"))
+        self.cudnn = SimpleNamespace(conv=_Op("tf32"))
+        self.mkldnn = SimpleNamespace(matmul=_Op("bf16"), conv=_Op("none"))
+
+    def __getattr__(self, name):  # the legacy module-level flag
+        raise RuntimeError(f"legacy flag {name} read after the new API was used")
+
+
+def test_fp32_switches_off_tf32_for_matmul_and_conv_with_the_legacy_flags(monkeypatch):
+    """torch < 2.9: at --precision fp32 on CUDA both legacy flags are off (matmul too, not only
+    cuDNN), and restored after; on the CPU they are left alone."""
+    flags = _LegacyFlags()
+    monkeypatch.setattr(prec, "_backends", lambda: flags)
+    with prec.autocast("fp32", "cuda:0"):
+        assert flags.cuda.matmul.allow_tf32 is False and flags.cudnn.allow_tf32 is False
+    assert flags.cuda.matmul.allow_tf32 is True and flags.cudnn.allow_tf32 is True
+    with prec.exact_fp32("cpu"):
+        assert flags.cuda.matmul.allow_tf32 is True and flags.cudnn.allow_tf32 is True
+
+
+def test_fp32_uses_the_new_fp32_precision_api_and_never_reads_legacy_flags(monkeypatch):
+    """torch >= 2.9 after ``set_float32_matmul_precision("high")``: matmul and conv are "ieee"
+    inside, restored after, and no legacy ``allow_tf32`` flag is read (that raises there)."""
+    flags = _NewFlags()
+    monkeypatch.setattr(prec, "_backends", lambda: flags)
+    with prec.autocast("fp32", "cuda"):
+        assert flags.cuda.matmul.fp32_precision == flags.cudnn.conv.fp32_precision == "ieee"
+        assert flags.mkldnn.matmul.fp32_precision == "bf16"  # the CPU's are not the GPU run's business
+    assert flags.cuda.matmul.fp32_precision == flags.cudnn.conv.fp32_precision == "tf32"
+    with prec.exact_fp32("cpu"):  # oneDNN's bf16 fp32 matmuls ("medium") are off on the CPU
+        assert flags.mkldnn.matmul.fp32_precision == flags.mkldnn.conv.fp32_precision == "ieee"
+        assert flags.cuda.matmul.fp32_precision == "tf32"
+    assert flags.mkldnn.matmul.fp32_precision == "bf16" and flags.mkldnn.conv.fp32_precision == "none"
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "matmul"), reason="torch < 2.9: no fp32_precision API")
+def test_the_last_block_runs_in_exact_fp32(toy_root, tiny_clip, tiny_clip_path, tmp_path, monkeypatch):
+    """A process that set ``set_float32_matmul_precision("medium")`` (bf16 fp32 matmuls in oneDNN on
+    the CPU; TF32 on CUDA with "high"): the cam stage's last block and closed-form gradients still
+    run in IEEE fp32 (before, only the frozen blocks' cuDNN convolutions were covered)."""
+    seen = []
+    real = cam_run.softmax_gradcam_batch
+
+    def gradcam(*a, **k):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cam_run, "softmax_gradcam_batch", gradcam)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
     try:
-        with prec.autocast("fp32", "cuda:0"):
-            assert torch.backends.cudnn.allow_tf32 is False
-        assert torch.backends.cudnn.allow_tf32 is True
-        with prec.autocast("fp32", "cpu"):
-            assert torch.backends.cudnn.allow_tf32 is True
+        res = generate_cams(_cfg(toy_root, tiny_clip_path, tmp_path / "run", limit=2, precision="fp32"),
+                            clip=tiny_clip, progress=False)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # restored after the stage
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        torch.set_float32_matmul_precision(before)
+    assert res.ok and seen == ["ieee", "ieee"]
 
 
 # ----------------------------------------------------------------------------- finding 3: OOM
@@ -161,7 +235,46 @@ def test_oom_retry_runs_after_the_failed_batch_is_freed(toy_root, tiny_clip, tin
     res = generate_cams(_same_size(toy_root, tmp_path, tiny_clip_path, 8, batch_size=4), clip=tiny_clip,
                         progress=False)
     assert res.ok and res.done == 8
-    assert len(refs) == 2 and alive_at_retry == [False] * 8
+    assert len(refs) == 1 and alive_at_retry == [False] * 8  # the second batch of 4 goes one by one at once
+
+
+def test_an_oom_is_remembered_and_later_batches_of_that_size_go_one_by_one(toy_root, tiny_clip, tiny_clip_path,
+                                                                           tmp_path, monkeypatch):
+    """A fake allocator failure where the real allocation is (the attention's (B, H, L, L)
+    probabilities, the largest tensor of a block): a batch of 4 does not fit, one image does.
+    The first batch of 4 runs out of memory once; the two later batches of 4 go straight to one
+    by one (before, each ran out of memory again first); the records equal a batch-1 run."""
+    from clip_es.model import dense
+
+    real = dense.explicit_attention
+    ooms: list[int] = []
+
+    def explicit_attention(q, k, v, attn_mask=None):
+        if q.shape[0] > 1:
+            ooms.append(q.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(q, k, v, attn_mask)
+
+    cfg = _same_size(toy_root, tmp_path, tiny_clip_path, 12, batch_size=4)
+    monkeypatch.setattr(dense, "explicit_attention", explicit_attention)
+    res = generate_cams(cfg, clip=tiny_clip, progress=False)
+    monkeypatch.undo()
+    assert res.ok and res.done == 12
+    assert ooms == [4]
+    ref = generate_cams(CamConfig(**{**cfg.__dict__, "out": str(tmp_path / "ref"), "batch_size": 1}),
+                        clip=tiny_clip, progress=False)
+    assert ref.ok and ref.done == 12
+    for i in range(12):
+        a, b = load_cam(tmp_path / "run" / "cam" / f"im{i}.npz"), load_cam(tmp_path / "ref" / "cam" / f"im{i}.npz")
+        assert np.array_equal(a.keys, b.keys) and np.allclose(a.caa, b.caa, atol=2e-6)
+
+
+def test_oom_type_exists_on_torch_before_2_5(monkeypatch):
+    """``torch.OutOfMemoryError`` appeared in torch 2.5 (pyproject allows 2.1): without it the OOM
+    test still knows CUDA's out-of-memory error."""
+    err = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    assert is_out_of_memory(err) and not is_out_of_memory(RuntimeError("CUDA error: device-side assert"))
 
 
 def test_oom_of_a_single_image_is_recorded_and_other_errors_propagate(toy_root, tiny_clip, tiny_clip_path, tmp_path,
@@ -369,3 +482,212 @@ def test_label_passes_cam_workers_to_the_cam_stage(tmp_path, tiny_clip, monkeypa
         with pytest.raises(Stop) as e:
             label.label_folder(label.LabelConfig(**kw, cam_workers=workers), clip=tiny_clip, progress=False)
         assert e.value.args[0] == workers
+
+
+# ----------------------------------------------------------------------------- issue 29, item 5: two ranks, one GPU
+def _fake_torchrun(monkeypatch, local_rank: int, local_world: int, gpus: int, visible: str | None = None) -> None:
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+
+
+@pytest.mark.parametrize("requested, local_rank, gpus, match", [
+    ("auto", 1, 1, "2 ranks on this machine but it has 1 GPU"),  # LOCAL_RANK % 1: both on cuda:0
+    ("cuda", 0, 1, "2 ranks on this machine but it has 1 GPU"),
+    ("cuda:1", 0, 2, "--device cuda:1 under torchrun puts all 2 local ranks on one GPU"),
+])
+def test_two_local_ranks_on_one_gpu_are_refused_before_the_process_group(monkeypatch, tmp_path, requested,
+                                                                        local_rank, gpus, match):
+    """``clipes train`` under a (faked) torchrun with 2 local ranks: a ConfigError naming the fix,
+    raised before ``init_process_group`` (so before NCCL's first collective)."""
+    import torch.distributed as dist
+
+    from clip_es.train.loop import TrainConfig, train_segmenter
+
+    _fake_torchrun(monkeypatch, local_rank, 2, gpus)
+    started = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match=match) as e:
+        train_segmenter(TrainConfig(run=str(tmp_path / "run"), device=requested, steps=1), progress=False)
+    assert "--nproc_per_node" in str(e.value) and "--device cpu" in str(e.value)
+    assert started == []
+
+
+def test_one_gpu_per_rank_and_the_cpu_pass(monkeypatch):
+    from clip_es.train.distributed import DistInfo, check_one_gpu_per_rank
+
+    two = DistInfo(rank=1, world=2, local_rank=1)
+    check_one_gpu_per_rank(two, "auto", "cuda:1", 2, 2, False)  # one GPU each
+    check_one_gpu_per_rank(two, "cpu", "cpu", 2, 1, False)
+    check_one_gpu_per_rank(two, "cuda", "cuda:0", 2, 1, True)  # a per-rank CUDA_VISIBLE_DEVICES: compared later
+    check_one_gpu_per_rank(DistInfo(), "cuda:0", "cuda:0", 1, 1, False)
+
+
+def test_ranks_that_name_one_gpu_are_refused_after_comparing(monkeypatch):
+    """With CUDA_VISIBLE_DEVICES set, the ranks exchange (host, GPU id) over gloo before any NCCL
+    collective; two ranks naming one GPU get a ConfigError."""
+    import torch.distributed as dist
+
+    from clip_es.train import distributed as dd
+
+    assert dd.duplicate_gpus([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1"), ("a", "GPU-1")]) == [[0, 3]]
+    assert dd.duplicate_gpus([("a", "GPU-1"), ("a", "GPU-2")]) == []
+    monkeypatch.setattr(dd, "gpu_id", lambda device: "GPU-5b2c")
+    monkeypatch.setattr(dist, "new_group", lambda backend: "gloo-group")
+    destroyed = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: destroyed.append(group))
+
+    def gather(out, obj, group=None):
+        assert group == "gloo-group"
+        out[:] = [obj, obj]  # the other rank sees the same GPU
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    with pytest.raises(ConfigError, match="ranks 0 and 1 compute on one GPU"):
+        dd._compare_gpus(dd.DistInfo(rank=0, world=2, local_rank=0), "cuda:0")
+    assert destroyed == ["gloo-group"]
+
+
+# ----------------------------------------------------------------------------- issue 29, item 8: per-rank RNG
+def _fake_world(monkeypatch, rank: int, other_rng: dict) -> list[int]:
+    """``train_segmenter`` as rank ``rank`` of a faked 2-process torchrun (the collectives faked: the
+    other rank's RNG state is ``other_rng``); returns the seeds ``torch.manual_seed`` was given."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from clip_es.train import loop
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(loop, "distributed", lambda info, device, requested=None: contextlib.nullcontext())
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objs, src=0: None)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: None)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+
+    def gather_object(obj, out, dst=0):
+        if out is not None:
+            out[:] = [obj, other_rng] if rank == 0 else [other_rng, obj]
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    seeds: list[int] = []
+    real_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (seeds.append(int(s)), real_seed(s))[1])
+    return seeds
+
+
+def test_every_ranks_rng_is_saved_and_each_rank_resumes_its_own(base_run, tmp_path, monkeypatch):  # noqa: F811
+    """Under (faked) torchrun each rank seeds its dropout with seed + rank, every rank's RNG state
+    goes into the checkpoint, and a resumed rank 1 restores rank 1's (before: rank 0's for all)."""
+    import shutil
+
+    from clip_es.train import loop
+    from clip_es.train.checkpoint import rng_state
+    from clip_es.train.loop import TrainConfig, train_segmenter
+    from tests.test_segmenter import SMALL
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    torch.manual_seed(1234)
+    other = rng_state()  # stands for rank 1's state at the save
+    cfg = TrainConfig(run=str(run), steps=2, save_every=2, **{**SMALL, "seed": 7})
+    with monkeypatch.context() as m:
+        seeds = _fake_world(m, 0, other)
+        train_segmenter(cfg, progress=False)
+    assert seeds[-1] == 7  # rank 0: seed + 0 after the (shared) initial weights
+    ck = torch.load(run / "segmenter" / "last.pt", map_location="cpu", weights_only=True)
+    assert len(ck["rng_ranks"]) == 2 and torch.equal(ck["rng_ranks"][1]["torch"], other["torch"])
+    assert not torch.equal(ck["rng_ranks"][0]["torch"], other["torch"])
+
+    restored = []
+    with monkeypatch.context() as m:
+        seeds = _fake_world(m, 1, ck["rng_ranks"][0])
+        m.setattr(loop, "set_rng_state", lambda st: restored.append(st))
+        train_segmenter(TrainConfig(run=str(run), steps=3, save_every=2, resume=True, **{**SMALL, "seed": 7}),
+                        progress=False)
+    assert 8 in seeds  # rank 1: seed + 1
+    assert len(restored) == 1 and torch.equal(restored[0]["torch"], other["torch"])
+
+
+def test_a_checkpoint_with_rank_0s_rng_only_resumes_with_a_warning(caplog):
+    from clip_es.train.checkpoint import rank_rng_state
+
+    old = {"rng": {"torch": torch.zeros(3)}}
+    with caplog.at_level(logging.WARNING):
+        assert rank_rng_state(old, 1, 2) is old["rng"]
+    assert "rank 1 resumes from rank 0's" in caplog.text
+    caplog.clear()
+    new = {"rng": "r0", "rng_ranks": ["r0", "r1"]}
+    assert rank_rng_state(new, 1, 2) == "r1" and rank_rng_state({"rng": "r0", "rng_ranks": ["r0"]}, 0, 1) == "r0"
+    assert not caplog.text
+
+
+# ----------------------------------------------------------------------------- issue 29, item 7: training precision
+def test_training_under_bf16_autocast_is_recorded_and_differs_from_fp32(base_run, tmp_path, monkeypatch):  # noqa: F811
+    """``--precision bf16`` trains under autocast (its losses differ from fp32's, stay finite), the
+    checkpoint records the resolved precision, and ``auto`` resolves per device (bf16 where native)."""
+    import shutil
+
+    from clip_es.train import loop
+    from clip_es.train.loop import TrainConfig, train_segmenter
+    from tests.test_segmenter import SMALL
+
+    ck = {}
+    for precision in ("fp32", "bf16", "auto"):
+        run = tmp_path / precision
+        shutil.copytree(base_run, run)
+        if precision == "auto":
+            monkeypatch.setattr(prec, "has_native_bf16", lambda device: False)  # a CPU without avx512_bf16/AMX
+        res = train_segmenter(TrainConfig(run=str(run), steps=2, precision=precision, **SMALL), progress=False)
+        assert res.last_loss is not None and np.isfinite(res.last_loss)
+        ck[precision] = torch.load(run / "segmenter" / "last.pt", map_location="cpu", weights_only=True)
+    assert [ck[p]["config"]["precision"] for p in ("fp32", "bf16", "auto")] == ["fp32", "bf16", "fp32"]
+    assert ck["bf16"]["config"]["train"]["precision"] == "bf16" and "precision" not in ck["fp32"]["config"]["train"]
+    assert ck["bf16"]["log"] != ck["fp32"]["log"] and ck["auto"]["log"] == ck["fp32"]["log"]
+    with pytest.raises(ConfigError, match="--precision must be one of auto, fp32, bf16, fp16"):
+        TrainConfig(run="r", precision="tf32").validate()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "GradScaler is enabled, but CUDA is not available" on this CPU
+        amp, scaler = loop._mixed_precision("fp16", "cuda:0")
+    assert amp is torch.float16 and scaler is not None
+    assert loop._mixed_precision("bf16", "cuda:0") == (torch.bfloat16, None)
+    assert loop._mixed_precision("fp32", "cpu") == (None, None)
+
+
+# ----------------------------------------------------------------------------- issue 29, item 9: host side
+def test_a_cuda_batch_is_concatenated_into_page_locked_memory(toy_root, tiny_clip, tiny_clip_path, tmp_path,
+                                                             monkeypatch):
+    """``torch.cat`` of pinned views makes a pageable tensor (its non_blocking copy is synchronous):
+    for CUDA the views are concatenated into one page-locked buffer instead; the cam stage's batches
+    go through that."""
+    made = []
+
+    def pinned_empty(shape, dtype):  # stands for torch.empty(..., pin_memory=True), which needs a GPU
+        t = torch.empty(shape, dtype=dtype)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(cam_run, "_pinned_empty", pinned_empty)
+    views = [torch.randint(0, 255, (1, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    out = cam_run.cat_views(views, torch.device("cuda", 0))
+    assert len(made) == 1 and out.data_ptr() == made[0].data_ptr() and torch.equal(out, torch.cat(views))
+    assert torch.equal(cam_run.cat_views(views, torch.device("cpu")), out) and len(made) == 1  # the CPU: plain cat
+
+    seen = []
+    real = cam_run.cat_views
+    monkeypatch.setattr(cam_run, "cat_views", lambda v, d: (seen.append(len(v)), real(v, d))[1])
+    res = generate_cams(_same_size(toy_root, tmp_path, tiny_clip_path, 4, batch_size=2), clip=tiny_clip,
+                        progress=False)
+    assert res.ok and seen == [2, 2]

@@ -119,11 +119,22 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
         ``logits`` ``(B, M)`` (``-inf`` past ``M_i``). In fp32 each image's maps equal
         :func:`softmax_gradcam` on it alone to rounding (within 1e-6).
     """
+    # The block's weights are fp32: tokens and text from a caller's autocast region (bf16/fp16)
+    # are cast up, and that region is switched off here, so a reduced-precision activation never
+    # meets an fp32 weight; only ``autocast_dtype`` turns autocast on again, for the block alone.
+    x = penultimate.detach().float()
+    texts = [t.float() for t in texts]
+    with torch.autocast(x.device.type, enabled=False):
+        return _gradcam_batch(visual, x, grid, texts, n_targets, logit_scale, pooling, use_softmax, mode,
+                              autocast_dtype)
+
+
+def _gradcam_batch(visual, x, grid, texts, n_targets, logit_scale, pooling, use_softmax, mode, autocast_dtype):
+    """:func:`softmax_gradcam_batch` on fp32 ``x`` and ``texts``, outside any autocast region."""
     h, w = grid
-    b = penultimate.shape[0]
+    b = x.shape[0]
     k = max(n_targets, default=0)
     blk = visual.transformer.resblocks[-1]
-    x = penultimate.detach()
     if k == 0:
         with torch.no_grad():
             _, _, attn = block_forward(blk, x, need_weights=True)
@@ -145,8 +156,7 @@ def softmax_gradcam_batch(visual: nn.Module, penultimate: torch.Tensor, grid: tu
         if not closed_form:
             raise ValueError("mode='analytic' needs an open_clip ViT block (no LayerScale, c_fc/gelu/c_proj MLP), "
                              "mean pooling and an fp32 last block; use mode='batched'")
-        with torch.autocast(x.device.type, enabled=False):  # fp32 also inside a caller's autocast region
-            a, weights, probs_attn, logits = _analytic_weights(visual, x, texts, soft, logit_scale, onehot)
+        a, weights, probs_attn, logits = _analytic_weights(visual, x, texts, soft, logit_scale, onehot)
     else:
         a, weights, probs_attn, logits = _autograd_weights(visual, x, texts, soft, logit_scale, onehot, pooling,
                                                            mode, autocast_dtype)

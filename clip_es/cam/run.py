@@ -40,6 +40,7 @@ weights, an unwritable run folder) raise before or during the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -59,12 +60,12 @@ from clip_es.data.registry import DEFAULT_BACKGROUND, background_words, open_dat
 from clip_es.errors import ConfigError, DatasetError
 from clip_es.model.dense import dense_forward
 from clip_es.model.inputs import input_size, normalise, preprocess, resize_input  # noqa: F401 (preprocess re-exported)
-from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, resolve_precision
+from clip_es.model.precision import PRECISIONS, autocast, autocast_dtype, exact_fp32, resolve_precision
 from clip_es.model.resolve import ClipModel, load_clip
 from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings, check_templates, class_embeddings
 from clip_es.rundir import RunDir
-from clip_es.stage import (StageResult, bind_device, completion_status, dist_shard, fit_image, is_out_of_memory,
-                            resolve_device, select_ids)
+from clip_es.stage import (StageResult, bind_device, completion_status, dist_shard, fit_image, hold_for_test,
+                            is_out_of_memory, resolve_device, select_ids)
 from clip_es.threads import available_cpus, resolve_threads, use_threads
 
 log = logging.getLogger(__name__)
@@ -224,11 +225,6 @@ class Prepared:
     views: list[torch.Tensor] = field(default_factory=list)
     error: str | None = None
 
-    def pin_memory(self) -> "Prepared":
-        """Page-lock the views (the DataLoader calls it with ``pin_memory=True``, on CUDA)."""
-        self.views = [v.pin_memory() for v in self.views]
-        return self
-
     @property
     def bucket(self) -> tuple:
         """Images with the same bucket key can share a batched forward."""
@@ -300,9 +296,10 @@ class CamEngine:
         x = normalise(x.to(c.device, non_blocking=True), c.mean, c.std)
         d = self._frozen(x)
         texts = [torch.cat([self.class_text[k], self.bg_text], 0) for k in keys]
-        g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
-                                  c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
-                                  autocast_dtype=autocast_dtype(self.last_block))
+        with exact_fp32(str(c.device)) if self.last_block == "fp32" else contextlib.nullcontext():  # no TF32
+            g = softmax_gradcam_batch(c.visual, d.penultimate.float(), d.grid, texts, [len(k) for k in keys],
+                                      c.logit_scale, pooling=cfg.pooling, use_softmax=cfg.softmax, mode=mode,
+                                      autocast_dtype=autocast_dtype(self.last_block))
         if not cfg.caa or g.cam.shape[1] == 0:
             return g.cam, g.cam.clone()
         last = g.attn_last.double()
@@ -342,7 +339,7 @@ class CamEngine:
         gh, gw = self.record_grid(items[0].work)
         acc = None
         for j, (_, f) in enumerate(views):
-            cam, caa = self._batch_view(torch.cat([it.views[j] for it in items]), keys, mode)
+            cam, caa = self._batch_view(cat_views([it.views[j] for it in items], self.clip.device), keys, mode)
             both = torch.stack([cam, caa]).float()  # (2, B, K, h, w)
             if tuple(both.shape[-2:]) != (gh, gw):
                 both = resize_maps(both, (gh, gw))
@@ -361,6 +358,24 @@ class CamEngine:
             keys: 0-based class indices (the targets).
         """
         return self.compute_batch([self.prepare(image, keys=keys)], mode)[0]
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised page-locked host tensor (a function so tests can stand in for CUDA's)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def cat_views(views: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The batch ``(B, 3, h, w)`` of ``B`` one-image views, on the host.
+
+    For a CUDA ``device`` the views are concatenated straight into page-locked memory, so the
+    ``non_blocking`` host-to-device copy that follows is really asynchronous: ``torch.cat`` of
+    pinned views would make a new pageable tensor, whose copy is synchronous (the loader
+    therefore does not pin the single views: one pinned copy per batch, not two)."""
+    if torch.device(device).type != "cuda":
+        return torch.cat(views)
+    out = _pinned_empty((sum(v.shape[0] for v in views), *views[0].shape[1:]), views[0].dtype)
+    return torch.cat(views, out=out)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -562,7 +577,7 @@ def _inputs(engine: CamEngine, ds, ids: list[str], workers: int):
     loader = torch.utils.data.DataLoader(_Inputs(worker_view(ds, ids), ids, prep), batch_size=None, shuffle=False,
                                          num_workers=workers, multiprocessing_context="spawn",
                                          worker_init_fn=_init_loader_worker,
-                                         pin_memory=engine.clip.device.type == "cuda",
+                                         pin_memory=False,  # cat_views pins the batch (one copy, not two)
                                          prefetch_factor=max(2, 2 * engine.cfg.batch_size // workers + 1))
     yield from loader
 
@@ -641,6 +656,8 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
     allocation failure) retries its images one by one, after the failed attempt is freed
     (outside the ``except`` block, whose traceback would keep the batch's activations
     alive) and, on CUDA, the allocator's cache emptied; an image that does not fit alone fails.
+    The failure is remembered: a later batch at least as large (as many images or more, each
+    as many pixels or more) goes straight to one by one instead of running out of memory again.
 
     Raises:
         OutputWriteError: a record cannot be written (fatal for the stage).
@@ -663,7 +680,14 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
 
     writer = _Writer(written, depth=2 * batch_size, threads=writer_threads())
 
+    too_big: list[tuple[int, int]] = []  # (images, pixels per image) of the batches that ran out of memory
+
     def run(batch: list[Prepared]) -> None:
+        load = (len(batch), batch[0].work[0] * batch[0].work[1])
+        if len(batch) > 1 and any(n <= load[0] and px <= load[1] for n, px in too_big):
+            for it in batch:  # at least as big as a batch that did not fit: straight to one by one
+                run([it])
+            return
         oom = None
         try:
             maps = engine.compute_batch(batch)
@@ -675,6 +699,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             if cuda:
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # retry one by one: only the image that does not fit fails
+                too_big.append(load)
                 for it in batch:
                     run([it])
                 return
@@ -682,7 +707,9 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             return
         for it, (cam, caa) in zip(batch, maps):
             writer.put(out / f"{it.id}.npz", it.id, it.keys, cam, caa, it.size)
+        computed[0] += len(batch)  # queued for writing (written even if the run is interrupted now)
 
+    computed = [0]
     buckets: dict[tuple, list[Prepared]] = {}
     max_pending = 4 * batch_size  # bounds memory when sizes vary (COCO): flush the fullest bucket
     try:
@@ -697,6 +724,7 @@ def _run_images(engine: CamEngine, ds, ids: list[str], out: Path, res: StageResu
             elif sum(len(b) for b in buckets.values()) > max_pending:
                 run(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
             writer.check()
+            hold_for_test(computed[0])
         for key in list(buckets):
             run(buckets.pop(key))
     except BaseException:

@@ -4,6 +4,11 @@ Only the frozen, gradient-free part of the cam stage (the patch embedding and bl
 ``1..L-1``) runs under :func:`torch.autocast`; the last block, the GradCAM gradients,
 CAA (float64) and everything refine reads stay in full precision.
 
+"fp32" means IEEE fp32: :func:`exact_fp32` switches off TF32 for matmuls and convolutions
+on CUDA (and oneDNN's bf16/TF32 fp32 matmuls on the CPU, where torch has the new
+``fp32_precision`` API) for the block it wraps, whatever the process set before
+(``torch.set_float32_matmul_precision("high")`` makes every fp32 matmul TF32 on Ampere+).
+
 ``auto`` resolves per device, once per run, and the resolved value (never ``auto``) is
 what the run's manifest records:
 
@@ -102,21 +107,65 @@ def autocast_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _backends():
+    """``torch.backends`` (a function so tests can hand :func:`exact_fp32` fake flags)."""
+    import torch
+
+    return torch.backends
+
+
+#: per device kind, the ``torch.backends`` (module, operator) pairs of the new ``fp32_precision`` API
+_FP32_OPS = {"cuda": (("cuda", "matmul"), ("cudnn", "conv")), "cpu": (("mkldnn", "matmul"), ("mkldnn", "conv"))}
+
+
+@contextlib.contextmanager
+def exact_fp32(device: str) -> Iterator[None]:
+    """Inside the block, fp32 matmuls and convolutions on ``device`` are IEEE fp32 (no TF32).
+
+    torch >= 2.9 has the ``fp32_precision`` API (``torch.backends.cuda.matmul.fp32_precision``,
+    ``torch.backends.cudnn.conv.fp32_precision``, oneDNN's on the CPU): those are set to
+    ``"ieee"`` and restored, and the legacy ``allow_tf32`` flags are never read (recent torch
+    raises on reading them once the new API was used). Older torch: CUDA's legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` are set
+    to ``False`` and restored (they have no CPU counterpart).
+    """
+    b = _backends()
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    if hasattr(getattr(getattr(b, "cuda", None), "matmul", None), "fp32_precision"):
+        flags = [getattr(getattr(b, mod), op) for mod, op in _FP32_OPS[kind]
+                 if hasattr(getattr(getattr(b, mod, None), op, None), "fp32_precision")]
+        saved = [f.fp32_precision for f in flags]
+        try:
+            for f in flags:
+                f.fp32_precision = "ieee"
+            yield
+        finally:
+            for f, v in zip(flags, saved):
+                f.fp32_precision = v
+        return
+    if kind != "cuda":
+        yield
+        return
+    saved_legacy = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    try:
+        b.cuda.matmul.allow_tf32 = False
+        b.cudnn.allow_tf32 = False
+        yield
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved_legacy
+
+
 @contextlib.contextmanager
 def autocast(precision: str, device: str) -> Iterator[None]:
-    """``torch.autocast`` for a resolved ``bf16``/``fp16``; for ``fp32`` no autocast, and on CUDA
-    cuDNN's TF32 convolutions switched off inside the block (torch enables them by default,
-    which would round the patch embedding's inputs to 10 mantissa bits at ``--precision fp32``)."""
+    """``torch.autocast`` for a resolved ``bf16``/``fp16``; for ``fp32`` no autocast and
+    :func:`exact_fp32` (torch enables cuDNN's TF32 convolutions by default, which would round
+    the patch embedding's inputs to 10 mantissa bits at ``--precision fp32``, and a process
+    may have enabled TF32 matmuls)."""
     import torch
 
     if precision == "fp32":
-        before = torch.backends.cudnn.allow_tf32
-        if str(device).startswith("cuda"):
-            torch.backends.cudnn.allow_tf32 = False
-        try:
+        with exact_fp32(device):
             yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
         return
 
     with torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=autocast_dtype(precision)):

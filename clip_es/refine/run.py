@@ -63,8 +63,8 @@ from clip_es.refine.pamr import PamrParams
 from clip_es.refine.store import CONF, CRF, MASKS, STAGE, is_valid_png, refine_dir
 from clip_es.rundir import OutputWriteError, RunDir, atomic_write_bytes
 from clip_es.scoring import scores_to_labels
-from clip_es.stage import (StageResult, completion_status, dist_shard, fit_image, resolve_device, select_ids,
-                           working_size)
+from clip_es.stage import (StageResult, completion_status, dist_shard, fit_image, hold_for_test, resolve_device,
+                           select_ids, working_size)
 from clip_es.threads import process_budget, resolve_threads, threads_from_config
 
 log = logging.getLogger(__name__)
@@ -480,6 +480,7 @@ def refine_masks(cfg: RefineConfig, progress: bool = True) -> StageResult:
                 res.done += 1
                 done_ids.append(image_id)
         bar.update(len(results))
+        hold_for_test(res.done + res.skipped + len(res.failed))
 
     try:
         if workers == 1:

@@ -167,6 +167,21 @@ def set_rng_state(st: dict[str, Any]) -> None:
         restore_cuda_rng(st["cuda"], torch.cuda.device_count())
 
 
+def rank_rng_state(ck: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """The RNG state rank ``rank`` of ``world`` resumes from: its own (``ck["rng_ranks"][rank]``,
+    saved by every rank at each checkpoint) when the checkpoint was saved by as many ranks;
+    otherwise (an older checkpoint with rank 0's only, or another world size) rank 0's
+    (``ck["rng"]``), with a warning that the resumed run then draws differently."""
+    ranks = ck.get("rng_ranks")
+    if ranks is not None and len(ranks) == world:
+        return ranks[rank]
+    saved = len(ranks) if ranks is not None else 1
+    if world > 1 or saved > 1:
+        log.warning("the checkpoint holds the RNG state of %d rank(s), this run has %d: rank %d resumes from rank "
+                    "0's; its random draws (dropout) differ from an uninterrupted run", saved, world, rank)
+    return ck["rng"]
+
+
 def restore_cuda_rng(states: list[torch.Tensor], count: int) -> None:
     """Set the RNG state of CUDA devices ``0..min(len(states), count) - 1`` from ``states``.
 

@@ -21,6 +21,7 @@ process. Only rank 0 writes files. BatchNorm statistics are per process (no Sync
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -34,12 +35,13 @@ from tqdm import tqdm
 
 from clip_es.data.registry import dataset_of_run
 from clip_es.errors import ClipEsError, ConfigError, RunDirError
+from clip_es.model.precision import PRECISIONS, autocast_dtype, exact_fp32, resolve_precision
 from clip_es.rundir import RunDir, atomic_write_bytes, params_hash
 from clip_es.stage import bind_device, resolve_device
 # checkpoint I/O and the DDP set-up live in their own modules; re-exported for existing imports
 from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_checkpoint,  # noqa: F401
-                                      load_model_state, model_state, rng_state, save_checkpoint, set_rng_state,
-                                      weights_only)
+                                      load_model_state, model_state, rank_rng_state, rng_state, save_checkpoint,
+                                      set_rng_state, weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
 from clip_es.train.families import SCHEDULES, BuildContext, TrainDefaults, get_family
@@ -99,6 +101,11 @@ class TrainConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         seed: decides initialisation, sample order and augmentation.
         workers: dataloader worker processes.
+        precision: ``fp32`` (IEEE: no TF32, :func:`~clip_es.model.precision.exact_fp32`), ``bf16`` or
+            ``fp16`` (the forward and the loss under ``torch.autocast``; fp16 with a ``GradScaler``
+            on CUDA), or ``auto`` (``bf16`` where the device computes it natively: an Ampere+ GPU,
+            a CPU with avx512_bf16/AMX; else ``fp32``). Resolved once per run; the checkpoint's
+            config records the resolved value.
         save_every, log_every: checkpoint / log.csv period in steps.
         resume: continue from ``last.pt`` (required when it exists).
         clip_model, clip_pretrained: override for the CLIP that embeds the classes (default:
@@ -137,6 +144,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     workers: int = 0
+    precision: str = "fp32"
     save_every: int = 200
     log_every: int = 10
     resume: bool = False
@@ -169,6 +177,8 @@ class TrainConfig:
                 raise ConfigError(f"{opt} must be at least {lo}, got {v}")
         if cfg.crop_size != AUTO_CROP and cfg.crop_size < 32:
             raise ConfigError(f"--crop-size must be at least 32 (or {AUTO_CROP}: from the images), got {cfg.crop_size}")
+        if cfg.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         if cfg.workers < 0 or cfg.warmup < 0:
             raise ConfigError("--workers and --warmup must be >= 0")
         if not cfg.lr > 0 or cfg.weight_decay < 0 or not cfg.backbone_lr_mult >= 0:
@@ -205,7 +215,7 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
                                    "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value",
-                                   "schedule": "cosine", "min_lr": 0.0}
+                                   "schedule": "cosine", "min_lr": 0.0, "precision": "fp32"}
 
 
 def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
@@ -409,8 +419,32 @@ def train_segmenter(cfg: TrainConfig, progress: bool = True,
     info = DistInfo.from_env()
     device = resolve_device(cfg.device)  # cuda:(LOCAL_RANK % GPUs) under torchrun
     bind_device(device)  # before the process group: NCCL and pin_memory use the current device
-    with distributed(info, device):
+    with distributed(info, device, cfg.device):
         return _train(cfg, info, device, progress, on_step)
+
+
+def _mixed_precision(precision: str, device: str):
+    """``(autocast dtype or None, GradScaler or None)`` for a resolved training ``precision``: fp16
+    on CUDA scales the loss (its gradients would underflow); bf16 has fp32's range and needs none."""
+    amp = autocast_dtype(precision)
+    if precision != "fp16" or not device.startswith("cuda"):
+        return amp, None
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return amp, torch.amp.GradScaler("cuda")
+    return amp, torch.cuda.amp.GradScaler()
+
+
+def _every_rank_rng(info: DistInfo) -> list[dict[str, Any]] | None:
+    """Every rank's :func:`rng_state`, gathered on rank 0 (``None`` on the others); a collective
+    under torchrun, so all ranks call it at the same steps."""
+    state = rng_state()
+    if not info.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    states: list | None = [None] * info.world if info.main else None
+    dist.gather_object(state, states, dst=0)
+    return states
 
 
 def _prepare(cfg: TrainConfig, run: RunDir, out: Path) -> dict[str, Any]:
@@ -437,6 +471,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     ds = dataset_of_run(run) if run.manifest_path.is_file() else None  # no manifest: _prepare says so
     if cfg.crop_size == AUTO_CROP and ds is not None:  # every rank reads the same headers
         cfg = replace(cfg, crop_size=auto_crop_size(ds, ds.ids()))
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # never "auto" from here on
     payload: dict[str, Any] | None = None
     err: BaseException | None = None
     if info.main:
@@ -477,6 +512,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                        backbone_pretrained=cfg.backbone_pretrained, clip_model=cfg.clip_model,
                        clip_pretrained=cfg.clip_pretrained)
     model = family.build(arch, ctx).to(device)
+    if info.enabled:  # the same initial weights on every rank, then each rank its own dropout masks
+        torch.manual_seed(cfg.seed + info.rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr) if trainable else None
     loss_fn = get_loss(cfg.resolved_loss())
@@ -496,7 +533,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
         if ck.get("ids_hash") != ids_hash and info.main:
             log.warning("the training images changed since %s was saved (labels added or removed): the "
                         "resumed run samples differently from an uninterrupted one", ckpt_path)
-        set_rng_state(ck["rng"])
+        set_rng_state(rank_rng_state(ck, info.rank, info.world))
         if info.main:
             log.info("resuming %s at step %d", ckpt_path, start)
 
@@ -516,21 +553,25 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
                                          pin_memory=device.startswith("cuda"),
                                          generator=torch.Generator().manual_seed(cfg.seed))
 
-    def save(step: int) -> None:
+    def save(step: int, rngs: list[dict[str, Any]]) -> None:
+        """Rank 0 writes the checkpoint; ``rngs``: every rank's RNG state (:func:`_every_rank_rng`)."""
         ck = {"format": CHECKPOINT_FORMAT, "model": model_state(model),
               "optimizer": opt.state_dict() if opt is not None else {},
-              "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world},
-              "text": payload, "log": [list(r) for r in rows], "rng": rng_state(), "ids_hash": ids_hash}
+              "step": step, "config": {"train": stage_params(cfg), "arch": arch.to_dict(), "world_size": info.world,
+                                       "precision": cfg.precision},
+              "text": payload, "log": [list(r) for r in rows], "rng": rngs[0], "rng_ranks": rngs,
+              "ids_hash": ids_hash}
         save_checkpoint(ckpt_path, ck)
         save_checkpoint(out / MODEL, weights_only(ck))
         _write_log(out / LOG, rows)
 
     n_trainable, n_total = sum(p.numel() for p in trainable), count_parameters(model)
     if info.main:
-        log.info("segmenter %s: %.2fM parameters, %.2fM trainable", cfg.arch, n_total / 1e6, n_trainable / 1e6)
+        log.info("segmenter %s: %.2fM parameters, %.2fM trainable, precision %s", cfg.arch, n_total / 1e6,
+                 n_trainable / 1e6, cfg.precision)
     if opt is None:  # a family that needs no training: its checkpoint records the arch and the text
         if info.main:
-            save(cfg.steps)
+            save(cfg.steps, [rng_state()] * info.world)  # nothing draws from the RNGs: every rank's is rank 0's
             run.record(cfg.name, status="done", step=cfg.steps, last_loss=None, images_per_s=None,
                        world_size=info.world, parameters=n_total, trainable_parameters=0)
         return TrainResult(str(run.path), str(ckpt_path), cfg.steps, cfg.steps, None, None, info.world, None)
@@ -539,51 +580,61 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     net.train()
     step, last_loss, rate = start, None, None
     t_rate, n_rate = time.perf_counter(), 0
+    amp, scaler = _mixed_precision(cfg.precision, device)
     try:
-        for images, masks in start_forked_workers(loader):
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
-            x = images.to(device, non_blocking=True).float().div_(255)
-            self_training = step >= self_train_step
-            text, lut = phases[self_training]
-            y = lut[masks.to(device, non_blocking=True)]
-            logits, extras = net(x, text, return_extras=True)
-            if self_training:
-                y = self_train_targets(logits, y, unseen_channels)
-            loss = training_loss(loss_fn, logits, extras, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.detach()
-            if info.enabled:
-                dist.all_reduce(value)
-                value = value / info.world
-            last_loss = float(value)
-            if not math.isfinite(last_loss):
-                raise ClipEsError(f"loss became {last_loss} at step {step + 1}; lower --lr")
-            step += 1
-            rows.append([step, last_loss, lr])
-            n_rate += x.shape[0] * info.world
-            dt = time.perf_counter() - t_rate
-            if dt > 2.0 or step == cfg.steps:
-                rate, t_rate, n_rate = n_rate / max(dt, 1e-9), time.perf_counter(), 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}" if rate else "-")
-            if info.main:
+        with exact_fp32(device) if amp is None else contextlib.nullcontext():  # fp32 = IEEE fp32, backward too
+            for images, masks in start_forked_workers(loader):
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
+                x = images.to(device, non_blocking=True).float().div_(255)
+                self_training = step >= self_train_step
+                text, lut = phases[self_training]
+                y = lut[masks.to(device, non_blocking=True)]
+                with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+                    logits, extras = net(x, text, return_extras=True)
+                    if self_training:
+                        y = self_train_targets(logits, y, unseen_channels)
+                    loss = training_loss(loss_fn, logits, extras, y)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:  # fp16 on CUDA: scaled loss, steps with inf/NaN gradients skipped
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                value = loss.detach()
+                if info.enabled:
+                    dist.all_reduce(value)
+                    value = value / info.world
+                last_loss = float(value)
+                if not math.isfinite(last_loss):
+                    raise ClipEsError(f"loss became {last_loss} at step {step + 1}; lower --lr")
+                step += 1
+                rows.append([step, last_loss, lr])
+                n_rate += x.shape[0] * info.world
+                dt = time.perf_counter() - t_rate
+                if dt > 2.0 or step == cfg.steps:
+                    rate, t_rate, n_rate = n_rate / max(dt, 1e-9), time.perf_counter(), 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}" if rate else "-")
                 if step % cfg.save_every == 0 or step == cfg.steps:
-                    save(step)
-                elif step % cfg.log_every == 0:
+                    rngs = _every_rank_rng(info)  # a collective: every rank, at the same steps
+                    if info.main:
+                        save(step, rngs)
+                elif info.main and step % cfg.log_every == 0:
                     _write_log(out / LOG, rows)
-            if on_step is not None:
-                on_step(step, last_loss)
+                if on_step is not None:
+                    on_step(step, last_loss)
     finally:
         bar.close()
     if info.enabled:
         dist.barrier()
+    rngs = _every_rank_rng(info) if step == start else None
     if info.main:
-        if step == start and not ckpt_path.is_file():
-            save(step)
+        if rngs is not None and not ckpt_path.is_file():
+            save(step, rngs)
         run.record(cfg.name, status="done" if step >= cfg.steps else "partial", step=step,
                    last_loss=last_loss, images_per_s=rate, world_size=info.world,
                    parameters=n_total, trainable_parameters=n_trainable)

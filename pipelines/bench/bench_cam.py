@@ -14,7 +14,10 @@ Prints, each measured in this one run (medians over repeats):
   2. the whole cam stage for one image (GradCAM + CAA) vs a plain no-grad forward of the
      same image (the floor);
   3. peak resident memory of the cam stage at 512x512 (measured in a fresh subprocess).
-  4. with --device cuda: images/s of the cam stage under fp16/bf16 autocast.
+  4. images/s of the cam stage under autocast (the frozen blocks in reduced precision; the
+     last block and the gradients in fp32, as the stage does), with the maps' largest
+     difference from fp32: fp16 and bf16 on CUDA, and on any device those of --autocast
+     (e.g. ``--device cpu --autocast bf16``, what gpu_check.sh's dry run does).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", default="375x500", help="HxW of the test image (VOC-like)")
     ap.add_argument("--no-peak", action="store_true", help="skip [3], the peak-memory subprocess (CPU only)")
+    ap.add_argument("--autocast", default=None,
+                    help="comma-separated dtypes for [4] (fp16,bf16); default fp16,bf16 on cuda, none on cpu")
     ap.add_argument("--peak-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
@@ -157,11 +162,19 @@ def main() -> None:
                              check=True)
         peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         print(f"[3] peak resident memory, cam stage at 512x512: {peak / 1024:.2f} GB  (target <= 2.5 GB)")
-    elif dev.type == "cuda":
-        for dtype in (torch.float16, torch.bfloat16):
-            with torch.autocast("cuda", dtype=dtype):
-                t = timed(lambda: cam_stage(visual, x, text, k, scale), max(args.repeats, 10), sync)
-            print(f"[4] cam stage on {torch.cuda.get_device_name()} with {dtype} autocast: {1 / t:.1f} images/s")
+    names = args.autocast if args.autocast is not None else ("fp16,bf16" if dev.type == "cuda" else "")
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    ref = cam_stage(visual, x, text, k, scale)[1]
+    for name in filter(None, names.split(",")):
+        if name not in dtypes:
+            raise SystemExit(f"--autocast: unknown dtype {name!r} (valid: fp16, bf16)")
+        with torch.autocast(dev.type, dtype=dtypes[name]):
+            t = timed(lambda: cam_stage(visual, x, text, k, scale), max(args.repeats, 10 if dev.type == "cuda" else 1),
+                      sync)
+            got = cam_stage(visual, x, text, k, scale)[1]
+        print(f"[4] cam stage on {where} with {name} autocast: {1 / t:.1f} images/s | "
+              f"max |diff| of the CAA maps vs fp32 {float((got.float() - ref.float()).abs().max()):.2e}")
 
 
 if __name__ == "__main__":
