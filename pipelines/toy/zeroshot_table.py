@@ -1,0 +1,41 @@
+"""The table of pipelines/toy/ZEROSHOT.md from a zeroshot_grid.sh folder (issue 27).
+
+    python pipelines/toy/zeroshot_table.py GRID_OUT [GRID_OUT ...]
+
+Reads GRID_OUT/eval_<pair>.json (written by zeroshot_grid.sh); with several folders a cell is taken
+from the first that has it. Prints seen / unseen / hIoU (mean ± half the seed range, every seed).
+"""
+import json
+import sys
+
+bases = sys.argv[1:] or sys.exit("usage: zeroshot_table.py GRID_OUT [GRID_OUT ...]")
+pairs = ["ball,boat", "star,flower", "ring,kite"]
+def z(stages, name):
+    s = stages.get(name)
+    if not s: return None
+    q = s["zero_shot"]; return (100*q["seen"], 100*q["unseen"], 100*q["hiou"])
+def row(label, vals):
+    vals = [v for v in vals if v]
+    if not vals: return f"{label:26s} (not run)"
+    m = [sum(v[i] for v in vals)/len(vals) for i in range(3)]
+    h = [(max(v[i] for v in vals)-min(v[i] for v in vals))/2 for i in range(3)]
+    per = " ; ".join("/".join(f"{x:.1f}" for x in v) for v in vals)
+    return f"{label:26s} " + " | ".join(f"{a:.1f} ± {b:.1f}" for a, b in zip(m, h)) + f"   n={len(vals)} per seed S/U/H: {per}"
+for p in pairs:
+    st = {}
+    for base in reversed(bases):
+        try:
+            with open(f"{base}/eval_{p.replace(',', '_')}.json") as f:
+                st.update(json.load(f)["stages"])
+        except FileNotFoundError:
+            pass
+    t = p.replace(",", "_")
+    print("== unseen", p)
+    for steps in (200, 1000, 2000):
+        print(row(f"zegclip inductive {steps}", [z(st, f"z_{t}_{steps}_s{s}") for s in (0, 1)]))
+    for steps in (200, 1000, 2000):
+        print(row(f"zegclip full {steps}", [z(st, f"zfull_{steps}_s{s}") for s in (0, 1)]))
+    print(row("zegclip transductive 2000", [z(st, f"t_{t}_s{s}") for s in (0, 1)]))
+    print(row("fusion seen-only 2000", [z(st, f"f_{t}_s{s}") for s in (0, 1)]))
+    print(row("fusion full 2000", [z(st, f"ffull_s{s}") for s in (0, 1)]))
+    print(row("clip training-free", [z(st, "clipv")]))
