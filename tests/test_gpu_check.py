@@ -46,6 +46,7 @@ def test_without_venv_or_python_it_says_what_it_needs(tmp_path: Path) -> None:
     repo = tmp_path / "repo" / "pipelines" / "bench"
     repo.mkdir(parents=True)
     shutil.copy(SCRIPT, repo)
+    shutil.copy(SCRIPT.parent / "find_python.sh", repo)
     env = {k: v for k, v in _env(tmp_path).items() if k != "PYTHON"}
     out = subprocess.run(["bash", str(repo / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and out.stdout == ""

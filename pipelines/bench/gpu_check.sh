@@ -66,14 +66,7 @@ if [ -n "$WHEELS" ]; then
   WHEELS=$(cd "$WHEELS" && pwd)
 fi
 cd "$(dirname "$0")/../.." || exit 1
-if [ -n "${PYTHON:-}" ]; then
-  PY=$PYTHON
-elif [ -x .venv/bin/python ]; then
-  PY=$PWD/.venv/bin/python
-else
-  echo "gpu_check.sh: needs a Python with torch: build .venv (make setup), or set PYTHON=/path/to/python (e.g. the machine's own, PYTHON=python3, with --wheels DIR for the other packages)" >&2
-  exit 2
-fi
+. pipelines/bench/find_python.sh gpu_check.sh "a Python with torch: build .venv (make setup), or set PYTHON=/path/to/python (e.g. the machine's own, PYTHON=python3, with --wheels DIR for the other packages)"
 command -v "$PY" >/dev/null 2>&1 || { echo "gpu_check.sh: PYTHON=$PY is not an executable" >&2; exit 2; }
 WORK=${WORK:-$(mktemp -d -t gpu-check-XXXXXX)}
 LOGS=$WORK/logs

@@ -34,14 +34,7 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-if [ -n "${PYTHON:-}" ]; then
-  PY=$PYTHON
-elif [ -x .venv/bin/python ]; then
-  PY=$ROOT/.venv/bin/python
-else
-  echo "gpu_wheels.sh: needs the project's environment: run 'make setup' (builds .venv) or set PYTHON=/path/to/python" >&2
-  exit 2
-fi
+. pipelines/bench/find_python.sh gpu_wheels.sh "the project's environment: run 'make setup' (builds .venv) or set PYTHON=/path/to/python"
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 # name==version of every distribution the project (and pytest) pulls in, minus torch's own closure
