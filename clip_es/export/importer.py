@@ -93,8 +93,9 @@ def import_masks(run: str | Path, src: str | Path, fmt: str, progress: bool = Tr
             continue
         ready[image_id] = mask_to_png_bytes(mask)
     if not seen:
-        raise MaskImportError(f"{src}: no corrected mask found in it (for labelstudio: no task has an annotation); "
-                              f"check --from and --format {fmt}")
+        why = " (no task has an annotation: export the project after correcting, not the predictions)" \
+            if fmt == "labelstudio" else ""
+        raise MaskImportError(f"{src}: no corrected mask found in it{why}; check --from and --format {fmt}")
     if ready:
         out.mkdir(parents=True, exist_ok=True)
         for image_id, data in ready.items():
