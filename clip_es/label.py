@@ -241,8 +241,8 @@ def predict_zero_shot(clip, images: list[tuple[str, Path]], classes: list[ClassS
         ``(labels, scores, failed)``: id -> sorted class indices, id -> per-class scores
         (the global tagger: softmax probabilities), id -> reason for images that could not be read.
     """
-    labels, results, failed = predict_tags(clip, images, classes, tagger, templates, threshold, max_side,
-                                           background, cache_dir, progress)
+    labels, results, failed, _ = predict_tags(clip, images, classes, tagger, templates, threshold, max_side,
+                                              background, cache_dir, progress)
     return labels, {i: [round(float(v), 6) for v in r.scores] for i, r in results.items()}, failed
 
 
@@ -253,8 +253,8 @@ def predict_tags(clip, images: list[tuple[str, Path]], classes: list[ClassSpec],
     """Zero-shot tags of image files with a tagger of :data:`~clip_es.tag.registry.TAGGERS`.
 
     Returns:
-        ``(labels, results, failed)``: id -> sorted class indices, id -> :class:`~clip_es.tag.base.TagResult`,
-        id -> reason for images that could not be read.
+        ``(labels, results, failed, rule)``: id -> sorted class indices, id -> :class:`~clip_es.tag.base.TagResult`,
+        id -> reason for images that could not be read, and the tagger's rule in words (its ``describe()``).
     """
     from clip_es.data.classes import background_words
     from clip_es.data.image_io import read_image
@@ -274,12 +274,21 @@ def predict_tags(clip, images: list[tuple[str, Path]], classes: list[ClassSpec],
             continue
         labels[image_id] = r.keys
         results[image_id] = r
-    return labels, results, failed
+    return labels, results, failed, tg.describe()
 
 
 def _rounded(values, names: list[str]) -> dict[str, float | None]:
     """name -> score rounded to 6 digits (``None`` for NaN: a part not computed for that class)."""
     return {n: (None if v != v else round(float(v), 6)) for n, v in zip(names, values)}
+
+
+def score_tables(results: dict, names: list[str]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """The review file's score tables of tag ``results`` (id -> :class:`~clip_es.tag.base.TagResult`):
+    ``images`` (each class's score) and each score part a tagger gives (TagCLIP: ``local``, ``crop``)."""
+    tables = {"images": {i: _rounded(r.scores, names) for i, r in results.items()}}
+    for part in sorted({p for r in results.values() for p in r.parts}):
+        tables[part] = {i: _rounded(r.parts[part], names) for i, r in results.items() if part in r.parts}
+    return tables
 
 
 def _read_labels(root: Path, labels_file: Path, class_file: Path) -> dict[str, list[str]]:
@@ -307,7 +316,8 @@ def _forget(run: Path, image_id: str) -> None:
 
 
 def write_zero_shot_files(out: Path, found: list[tuple[str, Path]], table: dict[str, list[str]], results: dict,
-                          names: list[str], tagger: str, threshold: float, model_name: str, header: str) -> None:
+                          names: list[str], tagger: str, rule: str, threshold: float, model_name: str,
+                          header: str) -> None:
     """Write ``OUT/labels_zeroshot.csv`` (every image of ``table``) and update the scores file with ``results``.
 
     The scores file keeps what earlier runs wrote for other images: ``images`` (each class's
@@ -315,23 +325,13 @@ def write_zero_shot_files(out: Path, found: list[tuple[str, Path]], table: dict[
     """
     scores_path = out / ZERO_SHOT_SCORES
     scores = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
-    scores.setdefault("images", {}).update({i: _rounded(r.scores, names) for i, r in results.items()})
-    for part in sorted({p for r in results.values() for p in r.parts}):  # TagCLIP: local, crop
-        scores.setdefault(part, {}).update({i: _rounded(r.parts[part], names) for i, r in results.items()
-                                            if part in r.parts})
-    scores.update({"tagger": tagger, "threshold": threshold, "model": model_name, "rule": _RULES[tagger]})
+    for key, per_image in score_tables(results, names).items():
+        scores.setdefault(key, {}).update(per_image)
+    scores.update({"tagger": tagger, "threshold": threshold, "model": model_name, "rule": rule})
     file_of = {i: p.name for i, p in found}
     rows = [(file_of.get(i, i), table[i]) for i in sorted(table, key=lambda i: file_of.get(i, i))]
     atomic_write_bytes(out / ZERO_SHOT_LABELS, _labels_csv(rows, header))
     atomic_write_bytes(scores_path, json.dumps(scores, indent=1, ensure_ascii=False).encode("utf-8"))
-
-
-#: The tag rule of each tagger, as the scores file states it.
-_RULES = {"global": "softmax over the classes; a class is kept when its probability >= threshold, the most likely "
-                    "class always",
-          "tagclip": "TagCLIP: score = 0.5 x local (attention-refined patch scores, max over patches) + 0.5 x crop "
-                     "(the candidate's box looked at again; local alone for other classes); a class is kept when "
-                     "its score is above min + 0.5 x (max - min) of the image's scores, else the most likely class"}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -405,8 +405,8 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                         "(a new --out re-tags every image)", zs_file, scores.get("tagger", "global"), len(todo),
                         cfg.tagger)
         if todo:  # new images (or a first run): predict them, keep what the file already says
-            pred, results, failed = predict_tags(clip, todo, classes, cfg.tagger, cfg.templates, cfg.threshold,
-                                                 cfg.max_side, cfg.background, out, progress)
+            pred, results, failed, rule = predict_tags(clip, todo, classes, cfg.tagger, cfg.templates,
+                                                       cfg.threshold, cfg.max_side, cfg.background, out, progress)
             left_out.update(failed)
             for i, ks in pred.items():
                 table[i] = [names[k] for k in ks]
@@ -417,7 +417,8 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
                       f"{_class_option(cfg)} --labels {shlex.quote(str(labels_file))} "
                       f"--out {shlex.quote(str(cfg.out))}\n"
                       f"Scores per class: {scores_path.name}")
-            write_zero_shot_files(out, found, table, results, names, cfg.tagger, cfg.threshold, model_name, header)
+            write_zero_shot_files(out, found, table, results, names, cfg.tagger, rule, cfg.threshold, model_name,
+                                  header)
     # images whose labels differ from the ones their outputs were made with are computed again
     before = (old or {}).get("labels", {})
     recomputed = sorted(i for i in before if table.get(i) != before[i])

@@ -176,7 +176,7 @@ def tag_images(cfg: TagsConfig, clip=None, progress: bool = True) -> TagsResult:
     import numpy as np
 
     from clip_es.data.classes import background_words
-    from clip_es.label import _labels_csv, _rounded
+    from clip_es.label import _labels_csv, score_tables
     from clip_es.model.resolve import load_clip
     from clip_es.rundir import atomic_write_bytes, atomic_write_json
     from clip_es.stage import resolve_device
@@ -211,10 +211,7 @@ def tag_images(cfg: TagsConfig, clip=None, progress: bool = True) -> TagsResult:
     rows = [(file_of[i], [names[k] for k in r.keys]) for i, r in results.items()]
     atomic_write_bytes(out / TAGS_FILE, _labels_csv(rows, f"Tags predicted by CLIP ({clip.name}, tagger "
                                                           f"{cfg.tagger}). Pass to clipes label --labels."))
-    scores = {"tagger": cfg.tagger, "model": clip.name, "rule": tagger.describe(),
-              "images": {i: _rounded(r.scores, names) for i, r in results.items()}}
-    for part in sorted({p for r in results.values() for p in r.parts}):
-        scores[part] = {i: _rounded(r.parts[part], names) for i, r in results.items() if part in r.parts}
+    scores = {"tagger": cfg.tagger, "model": clip.name, "rule": tagger.describe(), **score_tables(results, names)}
     atomic_write_bytes(out / SCORES_FILE, json.dumps(scores, indent=1, ensure_ascii=False).encode("utf-8"))
     res = TagsResult(str(out), cfg.tagger, len(results), seconds, float(text_seconds), failed=failed)
     scored = [i for i in results if truth is not None and i in truth]
@@ -303,12 +300,12 @@ def label_stage(cfg: LabelStageConfig, clip=None, progress: bool = True):
 
     with use_threads(cfg.threads):
         clip = clip or load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device))
-        pred, results, failed = predict_tags(clip, todo, classes, cfg.tagger, cfg.templates, cfg.threshold,
-                                             cfg.max_side, cfg.background, out, progress)
+        pred, results, failed, rule = predict_tags(clip, todo, classes, cfg.tagger, cfg.templates, cfg.threshold,
+                                                   cfg.max_side, cfg.background, out, progress)
     names = [c.name for c in classes]
     table.update({i: [names[k] for k in ks] for i, ks in pred.items()})
     header = (f"Labels predicted by CLIP ({clip.name}, zero-shot, tagger {cfg.tagger}) for the recipe's "
               f"[label] stage.\nThe cam stage reads them from here.")
-    write_zero_shot_files(out, found, table, results, names, cfg.tagger, cfg.threshold, clip.name, header)
+    write_zero_shot_files(out, found, table, results, names, cfg.tagger, rule, cfg.threshold, clip.name, header)
     res.done, res.failed = len(pred), failed
     return res

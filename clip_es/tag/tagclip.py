@@ -291,7 +291,8 @@ class TagClipTagger:
     def describe(self) -> str:
         """The rule, for the review files."""
         return ("TagCLIP: 0.5 x local (attention-refined patch scores, max over patches) + 0.5 x crop (the "
-                "class's box looked at again) for candidate classes; a class is kept when its score is above "
+                "class's box looked at again) for candidate classes, local alone for the others; a class is "
+                "kept when its score is above "
                 f"min + {self.opts.tag_cut} x (max - min) of the image's scores, else the most likely class")
 
     @torch.no_grad()

@@ -92,7 +92,7 @@ class TrainConfig:
             an unseen class is labelled with the unseen class the model scores highest there (ZegCLIP's
             self-training; the mask's own unseen label is never used).
         self_train_from: fraction of ``steps`` before self-training starts (``transductive``; 1 = never:
-            the names are known, the unseen pixels stay ignored).
+            the same as inductive).
         prompts, relation: ``zegclip``: deep visual prompt tokens per block (0 = none), relationship
             descriptor on (``False``: class queries from the text alone).
         dense_path: ``clip``: the last block's ``value`` path (MaskCLIP) or the ``plain`` block.
