@@ -12,11 +12,12 @@ extension (``chien café.jpg`` -> ``chien café``), and every output keeps it.
 Image-level labels come from ``--labels FILE`` (CSV ``image,label1;label2`` or JSON
 ``{"image": ["label", ...]}``, as the ``folder`` dataset reads them; see data/README.md),
 or, without it, from CLIP's zero-shot tags over the class list (``--tagger``, see
-:mod:`clip_es.tag`): ``global`` (default) is one softmax over the classes of the whole
+:mod:`clip_es.tag`): ``global`` is one softmax over the classes of the whole
 image, a class kept when its probability is at least ``threshold`` (default
 :data:`~clip_es.model.zeroshot.ZERO_SHOT_THRESHOLD`); ``tagclip`` scores every patch and
-looks again at each candidate's crop, so small objects beside large ones are found. The most
-likely class is always kept. The predictions are written to ``OUT/labels_zeroshot.csv`` (with every
+looks again at each candidate's crop, so small objects beside large ones are found;
+``blend`` (default) keeps a class when the geometric mean of the two scores is at least
+``threshold``. The most likely class is always kept. The predictions are written to ``OUT/labels_zeroshot.csv`` (with every
 score in ``OUT/labels_zeroshot_scores.json``; for TagCLIP also each class's local and crop
 score): review and correct that file, then pass it back with ``--labels`` into the same OUT;
 only the images whose labels changed are computed again. TagCLIP's text embeddings are
@@ -78,13 +79,13 @@ class LabelConfig:
             class file (one class per line, synonyms after the name). Exactly one of them.
         labels: image-level labels file (CSV or JSON); ``None`` = CLIP's zero-shot tags.
         tagger: which zero-shot tagger guesses the labels (:data:`~clip_es.tag.registry.TAGGERS`):
-            ``global`` (default: one softmax; on 200 held-out toy images precision 98.7 %,
-            recall 84.2 %, masks 71.2 mIoU) or ``tagclip`` (recall 90.5 % at precision 95.4 %,
-            masks 69.6 mIoU, about 3x the cost; finds small objects beside large ones).
+            ``blend`` (default: the global softmax and TagCLIP must agree), ``global`` (one
+            softmax, the cheapest; misses small objects beside large ones) or ``tagclip``.
             See :data:`~clip_es.tag.registry.DEFAULT_TAGGER` for why.
-        threshold: the ``global`` tagger's presence threshold on the softmax probability (the
-            most likely class is always kept). TagCLIP's rule is relative (above the middle of
-            the image's score range) and does not read it.
+        threshold: the presence threshold (the most likely class is always kept): ``blend``
+            on the geometric mean of the two scores, ``global`` on the softmax probability.
+            TagCLIP's rule is relative (above the middle of the image's score range) and does
+            not read it.
         model, pretrained: the CLIP (see :func:`clip_es.model.load_clip`).
         templates: prompt templates (several are averaged).
         background: background words for the cam stage (``voc``, ``coco``, ``none`` or a word
@@ -410,7 +411,7 @@ def label_folder(cfg: LabelConfig, clip=None, progress: bool = True) -> LabelRes
             left_out.update(failed)
             for i, ks in pred.items():
                 table[i] = [names[k] for k in ks]
-            how = f"threshold {cfg.threshold}" if cfg.tagger == "global" else "relative rule"
+            how = "relative rule" if cfg.tagger == "tagclip" else f"threshold {cfg.threshold}"
             model_name = clip.describe().get("name", cfg.model)
             header = (f"Labels predicted by CLIP ({model_name}, zero-shot, tagger {cfg.tagger}, {how}).\n"
                       f"Review and correct them, then run: clipes label {shlex.quote(str(cfg.images))} "

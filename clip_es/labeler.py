@@ -12,7 +12,7 @@
 
 A :class:`Labeler` loads the CLIP and embeds the classes and background words once, then
 runs, per image, exactly what ``clipes label`` runs through its run folder: the zero-shot
-tags of the ``tagger`` (:mod:`clip_es.tag`: the global softmax by default, or TagCLIP) when none are given, the cam
+tags of the ``tagger`` (:mod:`clip_es.tag`: by default ``blend``, the global softmax and TagCLIP agreeing) when none are given, the cam
 stage's :class:`~clip_es.cam.run.CamEngine` (GradCAM + CAA) and the refine stage's
 :func:`~clip_es.refine.run.refine_image` (dense CRF + the confidence rule). Nothing is
 written to disk.
@@ -65,7 +65,8 @@ class PseudoMask:
         confidence: ``(H, W)`` float32 ``max_c Q_c`` of the CRF, ``None`` when ``crf=False``.
         probabilities: class name -> the tagger's score when the labels were predicted, else
             ``None`` (``global``: the softmax probability over the classes; ``tagclip``: 0.5 x local
-            + 0.5 x crop score, as ``labels_zeroshot_scores.json`` holds them).
+            + 0.5 x crop score; ``blend``: the geometric mean of those two; as
+            ``labels_zeroshot_scores.json`` holds them).
     """
 
     labels: list[str]
@@ -138,8 +139,8 @@ class Labeler:
         model, pretrained: the CLIP, as :func:`clip_es.model.load_clip` takes them (default
             the bundled toy ``clipes-tiny``, which knows only the toy world's names).
         tagger: the zero-shot tagger for images given without labels (as ``clipes label
-            --tagger``): ``global`` (default) or ``tagclip``; its text is embedded once, on first use.
-        threshold: the ``global`` tagger's presence threshold (as ``clipes label --threshold``).
+            --tagger``): ``blend`` (default), ``global`` or ``tagclip``; its text is embedded once, on first use.
+        threshold: the ``blend`` / ``global`` tagger's presence threshold (as ``clipes label --threshold``).
             Its scores use the cam stage's class text (``templates``, ``fusion``), which at the
             defaults is what ``clipes label`` predicts with.
         clip: an already loaded :class:`~clip_es.model.resolve.ClipModel` to use instead.

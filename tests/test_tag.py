@@ -14,6 +14,7 @@ from clip_es.cam.caa import box_mask
 from clip_es.data.base import ClassSpec
 from clip_es.errors import ConfigError, RegistryError
 from clip_es.tag.base import relative_tags
+from clip_es.tag.blend import blend_scores, blend_tags
 from clip_es.tag.registry import DEFAULT_TAGGER, TAGGERS, build_tagger
 from clip_es.tag.tagclip import crop_box, tagclip_scores
 from tests.conftest import run_cli
@@ -66,6 +67,40 @@ def test_small_object_beside_large_found_locally_not_globally():
     assert t.parts["local"][flower] > 0.5 > 10 * g.scores[flower]
 
 
+def test_blend_rule():
+    g = np.array([0.90, 0.01, 0.0, 0.09])
+    t = np.array([0.80, 0.64, 0.95, 0.0])
+    s = blend_scores(g, t)
+    assert np.allclose(s, [np.sqrt(0.72), 0.08, 0.0, 0.0])
+    assert blend_tags(s) == (0, 1)  # 0.08 >= 0.05; a class either tagger calls 0 is never kept
+    assert blend_tags(s, 0.9) == (0,)  # nothing reaches it: the most likely class alone
+    assert blend_scores(np.array([-1e-9]), np.array([0.5]))[0] == 0.0
+
+
+def test_blend_keeps_what_both_see_and_drops_what_one_invents():
+    """Toy scene (world 5, #130): a large kite and a small flower. The global softmax misses the
+    flower (0.5 %); TagCLIP finds it but also tags a fish that is not there (0.54, the global view
+    0.0); the blend tags exactly kite and flower."""
+    from clip_es.data.classes import background_words
+    from clip_es.data.toy import TOY_CLASSES, scene_for
+    from clip_es.model.resolve import load_clip
+
+    scene = scene_for(5, 130)
+    kite, flower, fish = (TOY_CLASSES.index(c) for c in ("kite", "flower", "fish"))
+    assert sorted(c - 1 for c in scene.labels) == [kite, flower]
+    clip = load_clip("clipes-tiny", device="cpu")
+    classes = [ClassSpec(c) for c in TOY_CLASSES]
+    opts = dict(templates=("a clean origami {}.",), background=background_words("voc"))
+    g = build_tagger("global", clip, classes, **opts).tag(scene.image)
+    t = build_tagger("tagclip", clip, classes, **opts).tag(scene.image)
+    b = build_tagger("blend", clip, classes, **opts).tag(scene.image)
+    assert g.keys == (kite,) and fish in t.keys and flower in t.keys
+    assert b.keys == (kite, flower)
+    assert np.allclose(b.parts["global"], g.scores) and np.allclose(b.parts["tagclip"], t.scores)
+    assert np.allclose(b.scores, np.sqrt(g.scores * t.scores), atol=1e-6)
+    assert np.allclose(b.parts["local"], t.parts["local"])
+
+
 def test_tagclip_scores_invariants(tiny_clip):
     torch.manual_seed(0)
     x = torch.randn(1, 3, 48, 80)
@@ -83,15 +118,15 @@ def test_tagclip_scores_invariants(tiny_clip):
 
 
 def test_registry_lists_valid_names(tiny_clip):
-    assert DEFAULT_TAGGER in TAGGERS and set(TAGGERS) == {"tagclip", "global"}
-    with pytest.raises(RegistryError, match="unknown tagger 'nope'; valid: global, tagclip"):
+    assert DEFAULT_TAGGER in TAGGERS and set(TAGGERS) == {"blend", "tagclip", "global"}
+    with pytest.raises(RegistryError, match="unknown tagger 'nope'; valid: blend, global, tagclip"):
         build_tagger("nope", tiny_clip, [ClassSpec("ball")], templates=("a {}.",))
     from clip_es.label import LabelConfig
     from clip_es.labeler import Labeler
 
-    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+    with pytest.raises(ConfigError, match="valid: blend, global, tagclip"):
         LabelConfig(images=".", out="o", classes="a", tagger="nope").validate()
-    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+    with pytest.raises(ConfigError, match="valid: blend, global, tagclip"):
         Labeler(["ball"], model="no-such-model", tagger="nope")  # refused before any CLIP is loaded
 
 
@@ -109,8 +144,14 @@ def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
             "--workers", "1", "--threads", "1"]
     assert run_cli([*base, "--out", str(tmp_path / "g")]) == 0  # the default
     g = json.loads((tmp_path / "g" / "labels_zeroshot_scores.json").read_text())
-    assert g["tagger"] == DEFAULT_TAGGER == "global"
-    assert "local" not in g and not (tmp_path / "g" / "tag_text.npz").exists()
+    assert g["tagger"] == DEFAULT_TAGGER == "blend"
+    assert set(g["global"]) == set(g["tagclip"]) == set(g["local"]) == set(g["images"])
+    for i, sc in g["images"].items():
+        for name, v in sc.items():
+            assert v == pytest.approx((g["global"][i][name] * g["tagclip"][i][name]) ** 0.5, abs=2e-6)
+    assert run_cli([*base, "--out", str(tmp_path / "gl"), "--tagger", "global"]) == 0
+    gl = json.loads((tmp_path / "gl" / "labels_zeroshot_scores.json").read_text())
+    assert gl["tagger"] == "global" and "local" not in gl and not (tmp_path / "gl" / "tag_text.npz").exists()
     assert run_cli([*base, "--out", str(tmp_path / "t"), "--tagger", "tagclip"]) == 0
     t = json.loads((tmp_path / "t" / "labels_zeroshot_scores.json").read_text())
     assert t["tagger"] == "tagclip"
@@ -136,7 +177,7 @@ def test_label_cli_tagger_choice(photos, tmp_path, tiny_clip_path, capsys):
     assert "labels changed for 1 image(s)" in printed and "cam: 1 done" in printed, printed
     assert run_cli([*base, "--out", str(tmp_path / "x"), "--tagger", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown tagger 'nope'; valid: global, tagclip" in err and len(err.strip().splitlines()) == 1
+    assert "unknown tagger 'nope'; valid: blend, global, tagclip" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
@@ -206,7 +247,7 @@ def test_recipe_label_stage_tags_a_folder_then_cam_reads_it(photos, tmp_path, ti
     assert stage_configs(recipe, photos, out)["cam"].split == str((out / "labels_zeroshot.csv").resolve())
     again = run_recipe(recipe, photos, out, progress=False)
     assert again["label"].done == 0 and again["label"].skipped == 3 and again["cam"].done == 0
-    with pytest.raises(ConfigError, match="valid: global, tagclip"):
+    with pytest.raises(ConfigError, match="valid: blend, global, tagclip"):
         stage_configs({**recipe, "label": {"tagger": "nope"}}, photos, out)["label"].validate()
     with pytest.raises(ConfigError, match="tags a folder of images"):
         stage_configs({**recipe, "dataset": {"kind": "toy"}}, photos, out)

@@ -45,7 +45,7 @@ class TagsConfig:
             ``classes`` or ``class_file``. Or ``dataset`` + ``root`` + ``split``: a registered
             dataset (its classes and image-level labels, the labels as ground truth).
         labels: ground-truth labels file (CSV or JSON) of ``images`` (optional).
-        tagger: ``tagclip`` or ``global`` (:data:`~clip_es.tag.registry.TAGGERS`).
+        tagger: ``blend``, ``tagclip`` or ``global`` (:data:`~clip_es.tag.registry.TAGGERS`).
         threshold: the global tagger's probability threshold.
         templates: the global tagger's class prompts (TagCLIP uses its 85 templates).
         background: background words TagCLIP scores beside the classes (``voc``, ``coco``,

@@ -1,4 +1,4 @@
-"""Cost of the zero-shot taggers (issue 28): images/s of ``tagclip`` and ``global`` and the
+"""Cost of the zero-shot taggers (issue 28): images/s of ``global``, ``tagclip`` and ``blend`` and the
 one-off cost of TagCLIP's text embeddings (85 templates x classes + background words).
 
     python pipelines/bench/bench_taggers.py --model clipes-tiny --threads 1 --n 50
@@ -54,7 +54,8 @@ def main() -> None:
         images = [scene_for(99, i, size).image for i in range(a.n)]
         print(f"model {a.model}, {len(classes)} classes + {len(background_words(a.background))} background words, "
               f"{a.n} images {images[0].shape[:2] if size else 'toy sizes'}, {torch.get_num_threads()} thread(s)")
-        for name in ("global", "tagclip"):
+        rate = {}
+        for name in ("global", "tagclip", "blend"):
             t0 = time.perf_counter()
             tg = build_tagger(name, clip, classes, templates=(DEFAULT_TEMPLATE,),
                               background=background_words(a.background), max_side=None)
@@ -65,9 +66,12 @@ def main() -> None:
             for im in images:
                 crops += int(np.isfinite(tg.tag(im).parts.get("crop", np.zeros(0))).sum())
             dt = time.perf_counter() - t0
-            extra = f", {crops / a.n:.1f} crops/img" if name == "tagclip" else ""
+            extra = f", {crops / a.n:.1f} crops/img" if name != "global" else ""
+            rate[name] = a.n / dt
             print(f"  {name:8s} {a.n / dt:7.2f} img/s  ({1000 * dt / a.n:.0f} ms/img; text embeddings {text_s:.1f} s"
                   f"{extra})")
+        print(f"  time per image vs global (this run): tagclip {rate['global'] / rate['tagclip']:.2f}x, "
+              f"blend {rate['global'] / rate['blend']:.2f}x")
 
 
 if __name__ == "__main__":
