@@ -67,6 +67,32 @@ def test_relationship_descriptor_and_output_shapes(tiny_clip, relation):
     assert torch.allclose(g2.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_input_scale_makes_the_grid_finer_and_keeps_the_output_size(tiny_clip, monkeypatch):
+    from clip_es.train.zegclip import FAMILY
+
+    x = torch.rand(2, 3, 64, 96)
+    grids = []
+    real = ZegClipSegmenter.encode
+    monkeypatch.setattr(ZegClipSegmenter, "encode", lambda self, v: grids.append(v.shape[-2:]) or real(self, v))
+    one, two = _model(tiny_clip).eval(), _model(tiny_clip, input_scale=2).eval()
+    assert one(x, _text(3)).shape == two(x, _text(3)).shape == (2, 4, 64, 96)
+    assert grids == [(64, 96), (128, 192)]  # the ViT saw the input twice as large: a 8x12 patch grid, not 4x6
+    assert not torch.allclose(one(x, _text(3)), two(x, _text(3)))
+    with pytest.raises(ConfigError, match="input scale must be >= 1"):
+        ZegClipArch(input_scale=0).validate()
+    assert FAMILY.arch_from_dict({"text_dim": 64, "heads": 8}).input_scale == 1  # older records: 1
+
+
+def test_auto_input_scale_rule():
+    from clip_es.train.loop import auto_input_scale
+
+    assert auto_input_scale(164, 16) == 2  # the toy world's median shorter side: 10 patches -> 20
+    assert auto_input_scale(320, 16) == 1 and auto_input_scale(319, 16) == 2
+    assert auto_input_scale(375, 16) == 1  # VOC with a ViT-B/16: 23 patches at native size
+    assert auto_input_scale(100, 16) == 4 and auto_input_scale(20, 16) == 4  # at most 4
+    assert auto_input_scale(None, 16) == auto_input_scale(164, None) == 1
+
+
 def test_prompts_are_the_only_encoder_parameters_that_train(tiny_clip):
     model = _model(tiny_clip).train()
     assert not model.visual.training  # the frozen CLIP runs as at inference
@@ -149,6 +175,8 @@ def test_checkpoint_has_no_clip_and_segments_new_names(run_dir, tmp_path):  # no
     train_segmenter(TrainConfig(run=str(run_dir), steps=2, unseen=("ring",), **ZEG), progress=False)
     for f in ("last.pt", "model.pt"):
         ck = torch.load(run_dir / "segmenter" / f, weights_only=True)
+        assert ck["config"]["arch"]["input_scale"] == 2  # zegclip's default 0 resolved from the toy images
+        assert ck["config"]["train"]["input_scale"] == 2
         assert ck["model"] and not any(k.startswith("visual.") for k in ck["model"])
         assert {k.split(".")[0] for k in ck["model"]} == {"prompts", "out_norm", "bg_token", "relation", "memory",
                                                           "decoder", "scorer"}

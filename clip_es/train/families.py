@@ -107,6 +107,9 @@ class TrainDefaults:
         schedule: ``cosine`` (to 0 after the warm-up) or ``poly`` (``(1 - t/T)^0.9`` to ``min_lr``
             over all steps, the warm-up scaling it from ``1e-6`` of its value, as mmcv's poly policy).
         min_lr: the ``poly`` schedule's floor.
+        input_scale: how many times larger a frozen-CLIP family feeds its inputs to the ViT (a finer
+            patch grid); ``0`` = from the images (:func:`~clip_es.train.loop.auto_input_scale`). Families
+            that do not read it ignore it.
     """
 
     steps: int = 2000
@@ -118,6 +121,7 @@ class TrainDefaults:
     warmup: int = 100
     schedule: str = "cosine"
     min_lr: float = 0.0
+    input_scale: int = 1
 
 
 class Family(Protocol):

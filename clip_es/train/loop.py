@@ -57,6 +57,10 @@ LOG = "log.csv"
 RECIPE_FIELDS = tuple(TrainDefaults.__dataclass_fields__)
 #: ``crop_size`` meaning "from the data" (:func:`auto_crop_size`).
 AUTO_CROP = 0
+#: ``input_scale`` meaning "from the data and the CLIP's patch" (:func:`auto_input_scale`).
+AUTO_SCALE = 0
+#: :func:`auto_input_scale`'s target: patches along the images' median shorter side.
+MIN_PATCH_GRID = 20
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,11 @@ class TrainConfig:
             (power 0.9 to ``min_lr``; see :func:`lr_at`).
         backbone_lr_mult: LR multiplier of the backbone (e.g. 0.1 with pretrained weights).
         scale_range: random rescale range before cropping.
+        input_scale: ``zegclip``: the ViT sees each input this many times larger (a finer patch grid,
+            cost about ``scale^2``); ``0`` = :func:`auto_input_scale`.
 
         ``steps``, ``batch_size``, ``crop_size``, ``scale_range``, ``lr``, ``weight_decay``, ``warmup``,
-        ``schedule`` and ``min_lr`` left ``None`` take the family's recipe
+        ``schedule``, ``min_lr`` and ``input_scale`` left ``None`` take the family's recipe
         (:class:`~clip_es.train.families.TrainDefaults`: ``FAMILY.train_defaults``); :meth:`validate`
         returns the config with them filled in, and that is what config.json and checkpoints record.
         arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter),
@@ -124,6 +130,7 @@ class TrainConfig:
     warmup: int | None = None
     schedule: str | None = None
     min_lr: float | None = None
+    input_scale: int | None = None
     backbone_lr_mult: float = 1.0
     scale_range: tuple[float, float] | None = None
     loss: str | None = None
@@ -175,6 +182,8 @@ class TrainConfig:
                            ("--save-every", cfg.save_every, 1), ("--log-every", cfg.log_every, 1)):
             if v < lo:
                 raise ConfigError(f"{opt} must be at least {lo}, got {v}")
+        if cfg.input_scale < 0 or cfg.input_scale > 8:
+            raise ConfigError(f"--input-scale must be 1-8 (or {AUTO_SCALE}: from the images), got {cfg.input_scale}")
         if cfg.crop_size != AUTO_CROP and cfg.crop_size < 32:
             raise ConfigError(f"--crop-size must be at least 32 (or {AUTO_CROP}: from the images), got {cfg.crop_size}")
         if cfg.precision not in PRECISIONS:
@@ -215,7 +224,7 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
                                    "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value",
-                                   "schedule": "cosine", "min_lr": 0.0, "precision": "fp32"}
+                                   "schedule": "cosine", "min_lr": 0.0, "precision": "fp32", "input_scale": 1}
 
 
 def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
@@ -332,12 +341,9 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def auto_crop_size(ds, ids: list[str], sample: int = 64, multiple: int = 32, lo: int = 128, hi: int = 512) -> int:
-    """The crop side for ``crop_size = 0``: the median shorter side of up to ``sample`` of the images
-    (evenly spaced over ``ids``; headers only), rounded down to a multiple of ``multiple`` and kept in
-    ``[lo, hi]``. ZegCLIP's 512 crops are its images' shorter side after its 512-pixel rescale; this
-    keeps that relation on images of any size (VOC's 500x375: 352; 640x480 COCO: 480).
-    """
+def median_shorter_side(ds, ids: list[str], sample: int = 64) -> int | None:
+    """The median shorter side of up to ``sample`` of the images (evenly spaced over ``ids``; headers
+    only), ``None`` without images."""
     from PIL import Image
 
     pick = ids[:: max(1, len(ids) // sample)][:sample]
@@ -345,8 +351,31 @@ def auto_crop_size(ds, ids: list[str], sample: int = 64, multiple: int = 32, lo:
     for i in pick:
         with Image.open(ds.image_path(i)) as im:
             sides.append(min(im.size))
-    side = int(sorted(sides)[len(sides) // 2]) if sides else hi
+    return int(sorted(sides)[len(sides) // 2]) if sides else None
+
+
+def auto_crop_size(ds, ids: list[str], sample: int = 64, multiple: int = 32, lo: int = 128, hi: int = 512) -> int:
+    """The crop side for ``crop_size = 0``: the median shorter side of up to ``sample`` of the images
+    (:func:`median_shorter_side`), rounded down to a multiple of ``multiple`` and kept in
+    ``[lo, hi]``. ZegCLIP's 512 crops are its images' shorter side after its 512-pixel rescale; this
+    keeps that relation on images of any size (VOC's 500x375: 352; 640x480 COCO: 480).
+    """
+    side = median_shorter_side(ds, ids, sample) or hi
     return max(lo, min(hi, side // multiple * multiple))
+
+
+def auto_input_scale(side: int | None, patch: int | None, grid: int = MIN_PATCH_GRID, hi: int = 4) -> int:
+    """``input_scale = 0``: the least integer ``s >= 1`` with ``s * side / patch >= grid`` (at most
+    ``hi``): enough patches along the images' median shorter ``side`` for a mask finer than the objects.
+
+    ZegCLIP rescales VOC to a 512-pixel shorter side, 32 patches of ViT-B/16. At native size VOC's
+    375-pixel side already gives 23 (``s = 1``, no extra cost), the toy world's 164 only 10 (``s = 2``;
+    on the toy world 2 against 1 raised seen and unseen IoU alike: pipelines/toy/ZEROSHOT.md).
+    Unknown side or patch: 1.
+    """
+    if not side or not patch:
+        return 1
+    return max(1, min(hi, math.ceil(grid * patch / side - 1e-9)))
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
@@ -471,6 +500,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     ds = dataset_of_run(run) if run.manifest_path.is_file() else None  # no manifest: _prepare says so
     if cfg.crop_size == AUTO_CROP and ds is not None:  # every rank reads the same headers
         cfg = replace(cfg, crop_size=auto_crop_size(ds, ds.ids()))
+    if cfg.input_scale == AUTO_SCALE and ds is not None:
+        patch = run_text_setup(run)["clip"].get("patch_size")
+        cfg = replace(cfg, input_scale=auto_input_scale(median_shorter_side(ds, ds.ids()), patch))
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # never "auto" from here on
     payload: dict[str, Any] | None = None
     err: BaseException | None = None

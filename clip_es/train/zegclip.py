@@ -50,7 +50,7 @@ MAX_HEADS = 8
 #: Decoder FFN activations.
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 #: Record fields added later, with the value that older checkpoints trained with.
-_OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0}
+_OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0, "input_scale": 1}
 
 
 def decoder_heads(dim: int, most: int = MAX_HEADS) -> int:
@@ -73,6 +73,8 @@ class ZegClipArch:
             as ``gelu``, what they trained with).
         decoder_dropout: dropout on the decoder's attention weights and residual branches (ZegCLIP: 0.1;
             older records: 0).
+        input_scale: the input is upsampled (bilinear) this many times before the ViT, so the patch
+            grid is that much finer; the logits come back at the input's size (older records: 1).
         mean, std: RGB normalisation the CLIP is fed with.
     """
 
@@ -84,6 +86,7 @@ class ZegClipArch:
     dropout: float = 0.1
     activation: str = "relu"
     decoder_dropout: float = 0.1
+    input_scale: int = 1
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
@@ -94,6 +97,8 @@ class ZegClipArch:
             raise ConfigError(f"the zegclip decoder needs at least 1 layer, got {self.layers}")
         if self.heads < 1 or self.text_dim % self.heads:
             raise ConfigError(f"zegclip decoder heads must divide the CLIP width {self.text_dim}, got {self.heads}")
+        if self.input_scale < 1:
+            raise ConfigError(f"zegclip input scale must be >= 1, got {self.input_scale}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"zegclip decoder activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         return self
@@ -233,8 +238,11 @@ class ZegClipSegmenter(FrozenClipModule):
         Returns:
             ``(B, K+1, H, W)`` logits (sigmoid scores); channel 0 = background (and ``{}`` extras when asked).
         """
+        size = x.shape[-2:]
+        if self.arch.input_scale != 1:
+            x = F.interpolate(x, scale_factor=self.arch.input_scale, mode="bilinear", align_corners=False)
         patches, g, grid = self.encode((x - self.mean) / self.std)
-        logits = self.decode(patches, g, text, grid, x.shape[-2:])
+        logits = self.decode(patches, g, text, grid, size)
         return (logits, {}) if return_extras else logits
 
     def decode(self, patches: torch.Tensor, g: torch.Tensor, text: torch.Tensor, grid: tuple[int, int],
@@ -265,12 +273,15 @@ class ZegClipFamily(FrozenClipFamily):
     #: batch 4; scale 0.5-2.0) at a tenth of its 20k iterations for a CPU, the warm-up kept at the same
     #: 7.5 % (1500 of 20k); the crop from the images (crop_size 0, :func:`~clip_es.train.loop.auto_crop_size`:
     #: their median shorter side, as ZegCLIP's 512 crops are on its rescaled VOC images).
+    #: The input upsampled until the images' median shorter side spans 20 patches (input_scale 0,
+    #: :func:`~clip_es.train.loop.auto_input_scale`): 1 on VOC with a ViT-B/16, 2 on the toy world.
     train_defaults = TrainDefaults(steps=2000, batch_size=4, crop_size=0, scale_range=(0.5, 2.0), lr=2e-4,
-                                   weight_decay=0.01, warmup=150, schedule="poly", min_lr=1e-6)
+                                   weight_decay=0.01, warmup=150, schedule="poly", min_lr=1e-6, input_scale=0)
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ZegClipArch:
         return ZegClipArch(text_dim=text_dim, prompts=int(getattr(cfg, "prompts", 10)),
-                           relation=bool(getattr(cfg, "relation", True)), heads=decoder_heads(text_dim)).validate()
+                           relation=bool(getattr(cfg, "relation", True)), heads=decoder_heads(text_dim),
+                           input_scale=int(getattr(cfg, "input_scale", None) or 1)).validate()
 
     def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
         return super().arch_from_dict({**_OLDER_RECORDS, **d})
