@@ -1,14 +1,23 @@
 """The table of pipelines/toy/ZEROSHOT.md from a zeroshot_grid.sh folder (issue 27).
 
-    python pipelines/toy/zeroshot_table.py GRID_OUT [GRID_OUT ...]
+    python pipelines/toy/zeroshot_table.py [--prefix P] GRID_OUT [GRID_OUT ...]
 
-Reads GRID_OUT/eval_<pair>.json (written by zeroshot_grid.sh); with several folders a cell is taken
-from the first that has it. Prints seen / unseen / hIoU (mean ± half the seed range, every seed).
+Reads every GRID_OUT/eval_*<pair>.json (written by zeroshot_grid.sh; a newer file wins a cell both
+hold); with several folders a cell is taken from the first that has it. Prints seen / unseen / hIoU
+(mean ± half the seed range, every seed). ``--prefix P``: the zegclip cells of a grid run with
+PREFIX=P (P_<pair>_<steps>_sN, Pfull_..., Pt_...) instead of z_, zfull_, t_.
 """
+import glob
 import json
+import os
 import sys
 
-bases = sys.argv[1:] or sys.exit("usage: zeroshot_table.py GRID_OUT [GRID_OUT ...]")
+args = sys.argv[1:]
+prefix = None
+if args[:1] == ["--prefix"]:
+    prefix, args = args[1], args[2:]
+bases = args or sys.exit("usage: zeroshot_table.py [--prefix P] GRID_OUT [GRID_OUT ...]")
+zp, fp, tp = (prefix, prefix + "full", prefix + "t") if prefix else ("z", "zfull", "t")
 pairs = ["ball,boat", "star,flower", "ring,kite"]
 def z(stages, name):
     s = stages.get(name)
@@ -24,18 +33,16 @@ def row(label, vals):
 for p in pairs:
     st = {}
     for base in reversed(bases):
-        try:
-            with open(f"{base}/eval_{p.replace(',', '_')}.json") as f:
+        for path in sorted(glob.glob(f"{base}/eval_*{p.replace(',', '_')}.json"), key=os.path.getmtime):
+            with open(path) as f:
                 st.update(json.load(f)["stages"])
-        except FileNotFoundError:
-            pass
     t = p.replace(",", "_")
     print("== unseen", p)
     for steps in (200, 1000, 2000):
-        print(row(f"zegclip inductive {steps}", [z(st, f"z_{t}_{steps}_s{s}") for s in (0, 1)]))
+        print(row(f"zegclip inductive {steps}", [z(st, f"{zp}_{t}_{steps}_s{s}") for s in (0, 1)]))
     for steps in (200, 1000, 2000):
-        print(row(f"zegclip full {steps}", [z(st, f"zfull_{steps}_s{s}") for s in (0, 1)]))
-    print(row("zegclip transductive 2000", [z(st, f"t_{t}_s{s}") for s in (0, 1)]))
+        print(row(f"zegclip full {steps}", [z(st, f"{fp}_{steps}_s{s}") for s in (0, 1)]))
+    print(row("zegclip transductive 2000", [z(st, f"{tp}_{t}_s{s}") for s in (0, 1)]))
     print(row("fusion seen-only 2000", [z(st, f"f_{t}_s{s}") for s in (0, 1)]))
     print(row("fusion full 2000", [z(st, f"ffull_s{s}") for s in (0, 1)]))
     print(row("clip training-free", [z(st, "clipv")]))
