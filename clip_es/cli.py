@@ -613,12 +613,12 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                                 "--steps before self-training starts (1 = never: the same "
                                                 "as inductive)."),
           prompts: int = typer.Option(10, "--prompts", help="zegclip: deep visual prompt tokens per block (0 = none)."),
-          input_scale: Optional[int] = typer.Option(None, "--input-scale", help="zegclip: the frozen ViT sees each "
-                                                    "input this many times larger, a finer patch grid (time and "
-                                                    "memory about scale^2); 0 = from the images: the least scale "
-                                                    "giving 20 patches along their median shorter side (VOC with "
-                                                    "ViT-B/16: 1, the toy world: 2) [default: zegclip 0; fusion "
-                                                    "does not read it]."),
+          input_scale: Optional[int] = typer.Option(None, "--input-scale", help="zegclip and clip: the frozen ViT sees "
+                                                    "each input this many times larger, a finer patch grid (time "
+                                                    "and memory about scale^2); 0 = from the images: the least "
+                                                    "scale giving 20 patches along their median shorter side (VOC "
+                                                    "with ViT-B/16: 1, the toy world: 2) [default: zegclip 0, clip "
+                                                    "1; fusion does not read it]."),
           no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
                                            "alone (no relationship descriptor with the image's CLS)."),
           dense_path: str = typer.Option("value", "--dense-path", help="clip: the last block's value path "

@@ -81,6 +81,11 @@ def test_input_scale_makes_the_grid_finer_and_keeps_the_output_size(tiny_clip, m
     with pytest.raises(ConfigError, match="input scale must be >= 1"):
         ZegClipArch(input_scale=0).validate()
     assert FAMILY.arch_from_dict({"text_dim": 64, "heads": 8}).input_scale == 1  # older records: 1
+    free1 = ClipDenseSegmenter(ClipDenseArch(text_dim=TEST_CLIP.embed_dim), tiny_clip.model.visual).eval()
+    free2 = ClipDenseSegmenter(ClipDenseArch(text_dim=TEST_CLIP.embed_dim, input_scale=2), tiny_clip.model.visual).eval()
+    with torch.no_grad():
+        a, b = free1(x, _text(3)), free2(x, _text(3))
+    assert a.shape == b.shape == (2, 4, 64, 96) and not torch.allclose(a, b)
 
 
 def test_auto_input_scale_rule():

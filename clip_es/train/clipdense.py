@@ -47,6 +47,8 @@ class ClipDenseArch:
         threshold: background cosine: a patch is background where no class scores above it
             (0.35: best of 0.1-0.55 on 100 toy train images against ground truth, pipelines/toy/ZEROSHOT.md).
         scale: logit scale (softmax temperature of the scores).
+        input_scale: the input is upsampled (bilinear) this many times before the ViT (a finer
+            patch grid, as ``zegclip``'s; ``clipes train --arch clip --input-scale N``).
         mean, std: RGB normalisation the CLIP is fed with.
     """
 
@@ -54,12 +56,15 @@ class ClipDenseArch:
     path: str = "value"
     threshold: float = 0.35
     scale: float = 100.0
+    input_scale: int = 1
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
     def validate(self) -> "ClipDenseArch":
         if self.path not in PATHS:
             raise ConfigError(f"unknown --dense-path {self.path!r}; valid: {', '.join(PATHS)}")
+        if self.input_scale < 1:
+            raise ConfigError(f"the input scale must be >= 1, got {self.input_scale}")
         if not self.scale > 0:
             raise ConfigError(f"the logit scale must be > 0, got {self.scale}")
         return self
@@ -97,6 +102,9 @@ class ClipDenseSegmenter(FrozenClipModule):
         """``(B, 3, H, W)`` RGB in [0, 1] (sides multiples of :attr:`stride`) and ``(K, D)`` text ->
         ``(B, K+1, H, W)`` logits, channel 0 background."""
         self.check_text(text)
+        size = x.shape[-2:]
+        if self.arch.input_scale != 1:
+            x = F.interpolate(x, scale_factor=self.arch.input_scale, mode="bilinear", align_corners=False)
         H, W = x.shape[-2:]
         p = self.stride
         z = (x - self.mean) / self.std
@@ -106,7 +114,7 @@ class ClipDenseSegmenter(FrozenClipModule):
         bg = torch.full_like(cos[..., :1], self.arch.threshold)
         logits = self.arch.scale * torch.cat([bg, cos], -1)
         logits = logits.transpose(1, 2).reshape(x.shape[0], -1, H // p, W // p)
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         return (logits, {}) if return_extras else logits
 
 
@@ -121,7 +129,8 @@ class ClipDenseFamily(FrozenClipFamily):
     train_defaults = TrainDefaults()  # nothing trains; recorded as for any family
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ClipDenseArch:
-        return ClipDenseArch(text_dim=text_dim, path=str(getattr(cfg, "dense_path", "value"))).validate()
+        return ClipDenseArch(text_dim=text_dim, path=str(getattr(cfg, "dense_path", "value")),
+                             input_scale=int(getattr(cfg, "input_scale", None) or 1)).validate()
 
 
 FAMILY = ClipDenseFamily()

@@ -1,6 +1,6 @@
 """Cost of the zegclip segmenter beside the fusion (CNN) one, measured in one run.
 
-    python pipelines/bench/bench_zegclip.py [--repeats 5]
+    python pipelines/bench/bench_zegclip.py [--repeats 5] [--input-scale 2]
 
 Prints (one CPU thread, medians over repeats):
   1. trainable / total parameters of zegclip (on the bundled clipes-tiny CLIP), fusion (resnet18)
@@ -12,7 +12,9 @@ Prints (one CPU thread, medians over repeats):
   4. a random-weight ViT-B/16 (``open_clip.create_model('ViT-B-16-quickgelu')``, no download)
      under zegclip at 512x512 on the CPU: images/s and the peak resident memory of that forward
      (measured in a fresh subprocess).
-Weights are random: speed and memory do not depend on them.
+``--input-scale``: the clipes-tiny zegclip's (``clipes train`` resolves 2 on the toy world's images);
+the ViT-B/16 stays at 1 (VOC-sized images resolve 1). Weights are random: speed and memory do not
+depend on them.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def vit_b16_child(repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--input-scale", type=int, default=2, help="the clipes-tiny zegclip's input scale")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -124,10 +127,12 @@ def main() -> None:
     from clip_es.model.resolve import load_clip
 
     tiny = load_clip("clipes-tiny")
-    zeg = ZegClipSegmenter(ZegClipArch(text_dim=128, heads=decoder_heads(128)), tiny.model.visual)
+    zeg = ZegClipSegmenter(ZegClipArch(text_dim=128, heads=decoder_heads(128), input_scale=args.input_scale),
+                           tiny.model.visual)
     free = ClipDenseSegmenter(ClipDenseArch(text_dim=128), load_clip("clipes-tiny").model.visual)
     fusion = build_segmenter(SegmenterArch(backbone="resnet18", text_dim=128))
     print("parameters (trainable / total):")
+    print(f"zegclip on clipes-tiny at input scale {args.input_scale}")
     for name, m in (("zegclip (clipes-tiny)", zeg), ("fusion (resnet18)", fusion), ("clip (clipes-tiny)", free)):
         tr, total = params(m)
         print(f"  {name:24s} {tr / 1e6:6.3f}M / {total / 1e6:6.3f}M")
