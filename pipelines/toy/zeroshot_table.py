@@ -46,3 +46,5 @@ for p in pairs:
     print(row("fusion seen-only 2000", [z(st, f"f_{t}_s{s}") for s in (0, 1)]))
     print(row("fusion full 2000", [z(st, f"ffull_s{s}") for s in (0, 1)]))
     print(row("clip training-free", [z(st, "clipv")]))
+    if "clipv2" in st:  # clipes train --arch clip --name clipv2 --input-scale 2: zegclip's toy resolution
+        print(row("clip training-free, x2", [z(st, "clipv2")]))
