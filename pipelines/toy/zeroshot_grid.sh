@@ -2,7 +2,8 @@
 # The zero-shot grid of pipelines/toy/ZEROSHOT.md (issue 27): zegclip at its family defaults on
 # unseen pairs never tuned on, 2 seeds, 200 / 1000 / 2000 steps; the same family trained on every
 # class; fusion trained on the seen classes and on every class (batch 4, crop 160: zegclip's);
-# zegclip transductive (self-training from half-way); the training-free clip baseline.
+# zegclip transductive (self-training from half-way); the training-free clip baseline (input scale 1
+# and 2).
 # Every cell 1 thread; JOBS cells at a time; cells already trained are skipped.
 #   bash pipelines/toy/zeroshot_grid.sh BASE_RUN OUT   (BASE_RUN: cam + refine with every label)
 # env: PAIRS ("ball,boat star,flower ring,kite"), STEPS ("2000 200 1000": zegclip's step counts),
@@ -31,11 +32,13 @@ for kind in $kinds; do case $kind in
   *) echo "zeroshot_grid.sh: unknown cell kind '$kind' (zeg, fusion, trans)" >&2; exit 2 ;;
 esac; done
 "$clipes" train --run "$out" --arch clip --name clipv --device cpu --threads 1 >/dev/null 2>&1 || true
+# the training-free baseline also at zegclip's toy-world input scale (its default resolves 2 here)
+"$clipes" train --run "$out" --arch clip --name clipv2 --input-scale 2 --device cpu --threads 1 >/dev/null 2>&1 || true
 printf '%s\n' "${cells[@]}" | xargs -P "$jobs" -I{} bash -c \
   'set -- {}; n=$1; shift; [ -f "'"$out"'/$n/model.pt" ] || "'"$clipes"'" train --run "'"$out"'" --name $n "$@" --device cpu --threads 1 > "'"$out"'/$n.log" 2>&1'
 tag="${zp}-${kinds// /-}"
 for p in $pairs; do  # this pair's cells, the cells trained on every class, and the clip baseline
-  stages=(--stage clipv)
+  stages=(--stage clipv --stage clipv2)
   for c in "${cells[@]}"; do n=${c%% *}; case $n in *"${p/,/_}"*|*full_*) stages+=(--stage "$n");; esac; done
   "$clipes" eval --run "$out" --unseen "$p" "${stages[@]}" --json > "$out/eval_${tag}_${p/,/_}.json.tmp"
   mv "$out/eval_${tag}_${p/,/_}.json.tmp" "$out/eval_${tag}_${p/,/_}.json"
