@@ -131,8 +131,8 @@ def main() -> None:
                            tiny.model.visual)
     free = ClipDenseSegmenter(ClipDenseArch(text_dim=128), load_clip("clipes-tiny").model.visual)
     fusion = build_segmenter(SegmenterArch(backbone="resnet18", text_dim=128))
-    print("parameters (trainable / total):")
     print(f"zegclip on clipes-tiny at input scale {args.input_scale}")
+    print("parameters (trainable / total):")
     for name, m in (("zegclip (clipes-tiny)", zeg), ("fusion (resnet18)", fusion), ("clip (clipes-tiny)", free)):
         tr, total = params(m)
         print(f"  {name:24s} {tr / 1e6:6.3f}M / {total / 1e6:6.3f}M")
