@@ -619,6 +619,13 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                                                     "scale giving 20 patches along their median shorter side (VOC "
                                                     "with ViT-B/16: 1, the toy world: 2) [default: zegclip 0, clip "
                                                     "1; fusion does not read it]."),
+          background_query: Optional[str] = typer.Option(None, "--background-query", help="zegclip: how the "
+                                                         "background is scored. text = CLIP's text of the cam "
+                                                         "stage's background words (clipes cam --background; voc's "
+                                                         "25 generic scene words when it had none), a pixel's "
+                                                         "background score its best-matching word's; learnt = one "
+                                                         "trained embedding, which can absorb unseen classes that "
+                                                         "look like a background [default: text]."),
           no_relation: bool = typer.Option(False, "--no-relation", help="zegclip: class queries from the text "
                                            "alone (no relationship descriptor with the image's CLS)."),
           dense_path: str = typer.Option("value", "--dense-path", help="clip: the last block's value path "
@@ -663,6 +670,7 @@ def train(run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder (
                       backbone_pretrained=backbone_pretrained, dim=dim, fusion_blocks=fusion_blocks,
                       arch=arch, head="plain" if no_fusion else head, unseen=_names(unseen, "--unseen"),
                       transductive=transductive, self_train_from=self_train_from, prompts=prompts, input_scale=input_scale,
+                      background_query=background_query,
                       relation=not no_relation, dense_path=dense_path, device=device, seed=seed, workers=workers, precision=train_precision, save_every=save_every, resume=resume,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, warmup=warmup,
                       scale_range=_pair(scale_range, "--scale-range") if scale_range else None, schedule=schedule,

@@ -17,6 +17,7 @@ from clip_es.errors import ConfigError
 from clip_es.train.clipdense import ClipDenseArch, ClipDenseSegmenter
 from clip_es.train.losses import IGNORE, focal_dice_loss
 from clip_es.train.zegclip import ZegClipArch, ZegClipSegmenter, decoder_heads
+from clip_es.data.toy import TOY_BACKGROUNDS as TOY_BG
 from tests.conftest import TEST_CLIP, run_cli
 from tests.test_segmenter import _one_thread, base_run, resume_matches_uninterrupted, run_dir  # noqa: F401
 
@@ -183,8 +184,12 @@ def test_checkpoint_has_no_clip_and_segments_new_names(run_dir, tmp_path):  # no
         assert ck["config"]["arch"]["input_scale"] == 2  # zegclip's default 0 resolved from the toy images
         assert ck["config"]["train"]["input_scale"] == 2
         assert ck["model"] and not any(k.startswith("visual.") for k in ck["model"])
-        assert {k.split(".")[0] for k in ck["model"]} == {"prompts", "out_norm", "bg_token", "relation", "memory",
+        assert {k.split(".")[0] for k in ck["model"]} == {"prompts", "out_norm", "bg_text", "relation", "memory",
                                                           "decoder", "scorer"}
+        assert ck["config"]["arch"]["background"] == "text"  # zegclip's default: the cam stage's words
+        words = ck["config"]["arch"]["background_words"]
+        assert list(words) == list(ck["config"]["train"]["background_words"]) == list(TOY_BG)
+        assert ck["model"]["bg_text"].shape == (len(TOY_BG), TEST_CLIP.embed_dim)
     seg = load_segmenter(run_dir / "segmenter" / "model.pt")
     assert seg.model.score_kind == "sigmoid" and "ring" not in seg.trained
     image = (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()
@@ -202,6 +207,63 @@ def test_checkpoint_has_no_clip_and_segments_new_names(run_dir, tmp_path):  # no
     assert json.loads((out / "segment.json").read_text())["calibration"] == 0.1
     with pytest.raises(ConfigError, match="does not export"):
         seg.model.export_module(seg.text)
+
+
+def test_text_background_is_the_best_matching_word(tiny_clip):
+    words = ("grass", "sky", "wall")
+    bg = _text(3, seed=5)
+    model = _model(tiny_clip, background="text", background_words=words, prompts=2).eval()
+    model.bg_text.copy_(bg)  # the buffer as given (unit rows already)
+    assert not any("bg" in n for n, _ in model.named_parameters())  # fixed text: nothing to learn
+    text = _text(4)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        patches, g, grid = model.encode(x)
+        per_word = model.decode(patches, g, torch.cat([bg, text]), grid, grid, background=False)
+        out = model.decode(patches, g, text, grid, grid)
+        assert model(x, text).shape == (2, 5, 32, 32)
+    assert out.shape == (2, 5, *grid)
+    # queries are a set: each word scored as a class, the background channel is the best of them
+    torch.testing.assert_close(out[:, :1], per_word[:, :3].amax(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 1:], per_word[:, 3:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="background words"):
+        ZegClipArch(text_dim=TEST_CLIP.embed_dim, heads=1, background="text").validate()
+    with pytest.raises(ConfigError, match="background-query"):
+        ZegClipArch(text_dim=TEST_CLIP.embed_dim, heads=1, background="sky").validate()
+    with pytest.raises(ConfigError, match="must be"):
+        ZegClipSegmenter(ZegClipArch(text_dim=TEST_CLIP.embed_dim, heads=decoder_heads(TEST_CLIP.embed_dim),
+                                     background="text", background_words=words), tiny_clip.model.visual,
+                         background_text=_text(2))
+
+
+def test_background_query_options_train_and_reload(run_dir, tmp_path):  # noqa: F811
+    """learnt: one trained embedding; text without a cam-stage word list: voc's words; a bad value:
+    a one-line usage error before anything is written."""
+    from clip_es.data.classes import background_words
+    from clip_es.train.loop import TrainConfig, train_segmenter
+    from clip_es.train.segment import load_segmenter, predict_logits
+
+    train_segmenter(TrainConfig(run=str(run_dir), steps=2, background_query="learnt", **ZEG), progress=False)
+    ck = torch.load(run_dir / "segmenter" / "model.pt", weights_only=True)
+    assert "bg_token" in ck["model"] and "bg_text" not in ck["model"]
+    assert ck["config"]["arch"]["background"] == "learnt" and not ck["config"]["arch"]["background_words"]
+
+    m = json.loads((run_dir / "manifest.json").read_text())
+    m["stages"]["cam"]["params"]["background_words"] = []
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    train_segmenter(TrainConfig(run=str(run_dir), name="seg_voc", steps=2, **ZEG), progress=False)
+    path = run_dir / "seg_voc" / "model.pt"
+    ck = torch.load(path, weights_only=True)
+    assert list(ck["config"]["arch"]["background_words"]) == background_words("voc")
+    seg = load_segmenter(path)  # the buffer comes back from the checkpoint, not from a re-embedding
+    torch.testing.assert_close(seg.model.bg_text, ck["model"]["bg_text"])
+    assert predict_logits(seg, (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()).shape == (9, 40, 56)
+
+    r = subprocess.run([sys.executable, "-m", "clip_es", "train", "--run", str(run_dir), "--name", "bad",
+                        "--arch", "zegclip", "--background-query", "sky", "--steps", "1", "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--background-query" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (run_dir / "bad").exists()
 
 
 def test_zegclip_resume_matches_uninterrupted(run_dir, tmp_path):  # noqa: F811

@@ -91,6 +91,9 @@ class BuildContext:
 
 
 SCHEDULES = ("cosine", "poly")
+#: How a frozen-CLIP family makes its background query: ``text``, the CLIP text of background words
+#: (fixed; a pixel's background score is its best-matching word's), or ``learnt``, one trained embedding.
+BACKGROUND_QUERIES = ("text", "learnt")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class TrainDefaults:
         input_scale: how many times larger a frozen-CLIP family feeds its inputs to the ViT (a finer
             patch grid); ``0`` = from the images (:func:`~clip_es.train.loop.auto_input_scale`). Families
             that do not read it ignore it.
+        background_query: how a frozen-CLIP family with a background query makes it (``zegclip``:
+            :data:`BACKGROUND_QUERIES`); others ignore it.
     """
 
     steps: int = 2000
@@ -122,6 +127,7 @@ class TrainDefaults:
     schedule: str = "cosine"
     min_lr: float = 0.0
     input_scale: int = 1
+    background_query: str = "learnt"
 
 
 class Family(Protocol):

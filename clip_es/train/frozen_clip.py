@@ -72,7 +72,11 @@ class FrozenClipFamily:
         if tuple(clip.mean) != tuple(arch.mean) or tuple(clip.std) != tuple(arch.std):
             log.warning("the CLIP %s normalises with mean %s / std %s; --arch %s feeds it with %s / %s",
                         clip.name, clip.mean, clip.std, self.name, arch.mean, arch.std)
-        return self.module_cls(arch, clip.model.visual)
+        return self.module_cls(arch, clip.model.visual, **self.module_options(arch, ctx, clip))
+
+    def module_options(self, arch: Any, ctx: Any, clip: Any) -> dict[str, Any]:
+        """Keyword arguments of ``module_cls`` beyond ``(arch, visual)``; none by default."""
+        return {}
 
     def upgrade_state(self, arch: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         return state

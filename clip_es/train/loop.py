@@ -44,10 +44,10 @@ from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_check
                                       set_rng_state, weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
-from clip_es.train.families import SCHEDULES, BuildContext, TrainDefaults, get_family
+from clip_es.train.families import BACKGROUND_QUERIES, SCHEDULES, BuildContext, TrainDefaults, get_family
 from clip_es.train.losses import IGNORE, ce_loss, get_loss
 from clip_es.train.model import count_parameters
-from clip_es.train.text import cached_text, run_text_setup
+from clip_es.train.text import cached_text, run_background_words, run_text_setup
 from clip_es.threads import start_forked_workers, threads_from_config
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,12 @@ class TrainConfig:
         scale_range: random rescale range before cropping.
         input_scale: ``zegclip``: the ViT sees each input this many times larger (a finer patch grid,
             cost about ``scale^2``); ``0`` = :func:`auto_input_scale`.
+        background_query: ``zegclip``'s background query (:data:`~clip_es.train.families.BACKGROUND_QUERIES`):
+            ``text`` scores background as the best-matching of ``background_words`` (empty: the run's,
+            :func:`~clip_es.train.text.run_background_words`), ``learnt`` trains one embedding.
 
         ``steps``, ``batch_size``, ``crop_size``, ``scale_range``, ``lr``, ``weight_decay``, ``warmup``,
-        ``schedule``, ``min_lr`` and ``input_scale`` left ``None`` take the family's recipe
+        ``schedule``, ``min_lr``, ``input_scale`` and ``background_query`` left ``None`` take the family's recipe
         (:class:`~clip_es.train.families.TrainDefaults`: ``FAMILY.train_defaults``); :meth:`validate`
         returns the config with them filled in, and that is what config.json and checkpoints record.
         arch: segmenter family (:mod:`clip_es.train.families`): ``fusion`` (the CNN segmenter),
@@ -131,6 +134,8 @@ class TrainConfig:
     schedule: str | None = None
     min_lr: float | None = None
     input_scale: int | None = None
+    background_query: str | None = None
+    background_words: tuple[str, ...] = ()
     backbone_lr_mult: float = 1.0
     scale_range: tuple[float, float] | None = None
     loss: str | None = None
@@ -176,6 +181,9 @@ class TrainConfig:
         get_loss(cfg.resolved_loss())
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if cfg.background_query not in BACKGROUND_QUERIES:
+            raise ConfigError(f"unknown --background-query {cfg.background_query!r}; valid: "
+                              f"{', '.join(BACKGROUND_QUERIES)}")
         if cfg.min_lr < 0:
             raise ConfigError(f"the schedule's minimum LR must be >= 0, got {cfg.min_lr}")
         for opt, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
@@ -224,7 +232,8 @@ _RUNTIME_FIELDS = ("run", "device", "workers", "resume", "save_every", "log_ever
 #: Fields added after runs were recorded: left out of the parameters at these values, so older runs resume.
 _LATER_DEFAULTS: dict[str, Any] = {"arch": "fusion", "head": "fusion", "unseen": (), "transductive": False,
                                    "self_train_from": 0.5, "prompts": 10, "relation": True, "dense_path": "value",
-                                   "schedule": "cosine", "min_lr": 0.0, "precision": "fp32", "input_scale": 1}
+                                   "schedule": "cosine", "min_lr": 0.0, "precision": "fp32", "input_scale": 1,
+                                   "background_query": "learnt", "background_words": ()}
 
 
 def training_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
@@ -503,6 +512,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: str, progress: bool,
     if cfg.input_scale == AUTO_SCALE and ds is not None:
         patch = run_text_setup(run)["clip"].get("patch_size")
         cfg = replace(cfg, input_scale=auto_input_scale(median_shorter_side(ds, ds.ids()), patch))
+    if cfg.background_query == "text" and not cfg.background_words and run.manifest_path.is_file():
+        cfg = replace(cfg, background_words=tuple(run_background_words(run)))
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # never "auto" from here on
     payload: dict[str, Any] | None = None
     err: BaseException | None = None

@@ -55,6 +55,26 @@ def run_text_setup(run: RunDir) -> dict[str, Any]:
             "fusion": p.get("fusion", "sentence"), "clip": dict(clip)}
 
 
+def run_background_words(run: RunDir) -> list[str]:
+    """The background words a segmenter's text background uses: the cam stage's (``clipes cam
+    --background``), or CLIP-ES's generic ``voc`` set when that stage had none.
+
+    Raises:
+        RunDirError: the run has no cam stage recorded.
+    """
+    m = run.read_manifest()
+    cam = (m.get("stages") or {}).get("cam")
+    if not cam or "params" not in cam:
+        raise RunDirError(f"{run.path}: no cam stage in the manifest; run 'clipes cam' into this run first")
+    words = [str(w) for w in cam["params"].get("background_words") or []]
+    if words:
+        return words
+    from clip_es.data.classes import background_words
+
+    log.info("the cam stage of %s had no background words; the text background uses the voc set", run.path)
+    return background_words("voc")
+
+
 def clip_load_args(record: dict[str, Any]) -> tuple[str, str | None]:
     """``(model, pretrained)`` for :func:`~clip_es.model.load_clip` from a ``describe()`` record."""
     name, source = str(record.get("name")), str(record.get("source", ""))

@@ -9,14 +9,16 @@ Data flow for an input ``x`` ``(B, 3, H, W)`` (RGB in [0, 1]) and class text ``(
     trainable LayerNorm -> CLIP's frozen ln_post + proj -> L2 norm
         patches  (B, N, D)        CLS g  (B, D)
     class queries  q_c = Linear([t_c * g ; t_c])   (B, K+1, D)     relationship descriptor
-        (t_0 = a learnt background embedding; with relation=False: q_c = Linear(t_c))
+        (t_0 = the background: the CLIP text of each background word, its logit the best word's
+         (background "text", the default), or one learnt embedding ("learnt");
+         with relation=False: q_c = Linear(t_c))
     decoder memory: Linear + LayerNorm of the patch tokens (unit-scale keys: L2-normalised
         tokens alone give near-zero q.k logits and, measured, a decoder that predicts only background)
     decoder: layers-1 x [q = LN(q + CrossAttn(q, mem)); q = LN(q + FFN(q))]   (post-norm)
         then the last layer's head-averaged scaled q.k logits over the memory = mask logits
     (B, K+1, h, w) -> bilinear to (H, W)
 
-Only the prompts, their projection, the LayerNorm, the descriptor, the background embedding
+Only the prompts, their projection, the LayerNorm, the descriptor, a learnt background embedding
 and the decoder train; the CLIP stays frozen (gradients flow through its blocks to the
 prompts) and is left out of checkpoints (``frozen_prefixes``): the build reloads it from the
 class text record, sha256-checked. Every operation on the queries treats them as a set, so
@@ -41,7 +43,7 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import block_forward, embed
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.families import TrainDefaults, record_to_dict
+from clip_es.train.families import BACKGROUND_QUERIES, TrainDefaults, record_to_dict
 from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "zegclip"
@@ -50,7 +52,10 @@ MAX_HEADS = 8
 #: Decoder FFN activations.
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 #: Record fields added later, with the value that older checkpoints trained with.
-_OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0, "input_scale": 1}
+_OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0, "input_scale": 1, "background": "learnt",
+                  "background_words": ()}
+#: How the background query is made (:data:`~clip_es.train.families.BACKGROUND_QUERIES`).
+BACKGROUNDS = BACKGROUND_QUERIES
 
 
 def decoder_heads(dim: int, most: int = MAX_HEADS) -> int:
@@ -75,6 +80,9 @@ class ZegClipArch:
             older records: 0).
         input_scale: the input is upsampled (bilinear) this many times before the ViT, so the patch
             grid is that much finer; the logits come back at the input's size (older records: 1).
+        background: the background query (:data:`BACKGROUNDS`; older records: ``learnt``).
+        background_words: the words of a ``text`` background (their embeddings are a buffer of the
+            module, so a checkpoint carries them).
         mean, std: RGB normalisation the CLIP is fed with.
     """
 
@@ -87,6 +95,8 @@ class ZegClipArch:
     activation: str = "relu"
     decoder_dropout: float = 0.1
     input_scale: int = 1
+    background: str = "learnt"
+    background_words: tuple[str, ...] = ()
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
@@ -99,6 +109,11 @@ class ZegClipArch:
             raise ConfigError(f"zegclip decoder heads must divide the CLIP width {self.text_dim}, got {self.heads}")
         if self.input_scale < 1:
             raise ConfigError(f"zegclip input scale must be >= 1, got {self.input_scale}")
+        if self.background not in BACKGROUNDS:
+            raise ConfigError(f"unknown --background-query {self.background!r}; valid: {', '.join(BACKGROUNDS)}")
+        if self.background == "text" and not self.background_words:
+            raise ConfigError("zegclip --background-query text needs background words (the cam stage's, or "
+                              "'clipes cam --background voc'); or pass --background-query learnt")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"zegclip decoder activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         return self
@@ -170,15 +185,24 @@ class ZegClipSegmenter(FrozenClipModule):
     #: toy world (pipelines/toy/ZEROSHOT.md: 0, 0.1 and 0.2 compared on both splits).
     calibration = 0.0
 
-    def __init__(self, arch: ZegClipArch, visual: nn.Module):
+    def __init__(self, arch: ZegClipArch, visual: nn.Module, background_text: torch.Tensor | None = None):
+        """``background_text``: ``(len(arch.background_words), D)`` embeddings of a ``text`` background
+        (``None``: zeros, for a checkpoint's weights to fill)."""
         super().__init__(arch, visual, FAMILY_NAME)
         width = int(visual.conv1.out_channels)
         blocks = len(visual.transformer.resblocks)
         self.prompts = DeepPrompts(blocks, arch.prompts, width, self.stride, arch.dropout) if arch.prompts else None
         self.out_norm = nn.LayerNorm(width, eps=1e-6)
         d = arch.text_dim
-        g = torch.Generator().manual_seed(0)
-        self.bg_token = nn.Parameter(F.normalize(torch.randn(d, generator=g), dim=0))
+        if arch.background == "text":
+            shape = (len(arch.background_words), d)
+            if background_text is not None and tuple(background_text.shape) != shape:
+                raise ConfigError(f"zegclip background text must be {shape}, got {tuple(background_text.shape)}")
+            bg = torch.zeros(shape) if background_text is None else F.normalize(background_text.float(), dim=-1)
+            self.register_buffer("bg_text", bg)
+        else:
+            g = torch.Generator().manual_seed(0)
+            self.bg_token = nn.Parameter(F.normalize(torch.randn(d, generator=g), dim=0))
         self.relation = nn.Linear(2 * d if arch.relation else d, d)
         self.memory = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
         self.decoder = nn.ModuleList(DecoderLayer(d, arch.heads, arch.activation, arch.decoder_dropout)
@@ -218,15 +242,20 @@ class ZegClipSegmenter(FrozenClipModule):
 
     def queries(self, text: torch.Tensor, g: torch.Tensor, background: bool = True) -> torch.Tensor:
         """Relationship descriptor: ``(K, D)`` text and ``(B, D)`` CLS -> ``(B, K+1, D)`` queries
-        (the learnt background first; ``background=False``: ``(B, K, D)``, the classes alone)."""
+        (the background first: one learnt query, or one per background word; ``background=False``:
+        ``(B, K, D)``, the classes alone)."""
         self.check_text(text)
         t = text.to(g.dtype)
         if background:
-            t = torch.cat([F.normalize(self.bg_token, dim=0)[None].to(g.dtype), t], 0)
-        t = t[None].expand(g.shape[0], -1, -1)                                             # (B, K+1, D)
+            t = torch.cat([self._background_text().to(g.dtype), t], 0)
+        t = t[None].expand(g.shape[0], -1, -1)                                             # (B, K+n_bg, D)
         if self.arch.relation:
             t = torch.cat([t * g[:, None], t], -1)
         return self.relation(t)
+
+    def _background_text(self) -> torch.Tensor:
+        """``(n_bg, D)``: the background words' embeddings, or the learnt query (``n_bg = 1``)."""
+        return self.bg_text if self.arch.background == "text" else F.normalize(self.bg_token, dim=0)[None]
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, return_extras: bool = False):
         """Per-pixel class logits.
@@ -249,7 +278,7 @@ class ZegClipSegmenter(FrozenClipModule):
                size: tuple[int, int], background: bool = True, memory: bool = True) -> torch.Tensor:
         """Mask logits from :meth:`encode`'s outputs, bilinear to ``size``: ``(B, K+1, H, W)``.
 
-        ``background=False`` leaves the learnt background query out (``(B, K, H, W)``) and ``memory=False``
+        ``background=False`` leaves the background queries out (``(B, K, H, W)``) and ``memory=False``
         the memory projection (the decoder attends to the L2-normalised patch tokens themselves): ZegCLIP's
         own head, for the parity check (``pipelines/bench/zegclip_parity.py``)."""
         q = self.queries(text, g, background)
@@ -257,6 +286,9 @@ class ZegClipSegmenter(FrozenClipModule):
         for layer in self.decoder:
             q = layer(q, mem)
         logits = self.scorer(q, mem).view(g.shape[0], -1, *grid)
+        if background and self.arch.background == "text":  # background = its best-matching word
+            n_bg = self.bg_text.shape[0]
+            logits = torch.cat([logits[:, :n_bg].amax(1, keepdim=True), logits[:, n_bg:]], 1)
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
@@ -275,13 +307,29 @@ class ZegClipFamily(FrozenClipFamily):
     #: their median shorter side, as ZegCLIP's 512 crops are on its rescaled VOC images).
     #: The input upsampled until the images' median shorter side spans 20 patches (input_scale 0,
     #: :func:`~clip_es.train.loop.auto_input_scale`): 1 on VOC with a ViT-B/16, 2 on the toy world.
+    #: The background from the CLIP text of the run's background words (``background_query="text"``):
+    #: a learnt one absorbed unseen classes that look like a background (on the toy world, boat's
+    #: wood beside walls and ground: unseen ball,boat 47.8 -> 64.0 at 2000 steps; pipelines/toy/ZEROSHOT.md).
     train_defaults = TrainDefaults(steps=2000, batch_size=4, crop_size=0, scale_range=(0.5, 2.0), lr=2e-4,
-                                   weight_decay=0.01, warmup=150, schedule="poly", min_lr=1e-6, input_scale=0)
+                                   weight_decay=0.01, warmup=150, schedule="poly", min_lr=1e-6, input_scale=0,
+                                   background_query="text")
 
     def arch_from_config(self, cfg: Any, text_dim: int) -> ZegClipArch:
         return ZegClipArch(text_dim=text_dim, prompts=int(getattr(cfg, "prompts", 10)),
                            relation=bool(getattr(cfg, "relation", True)), heads=decoder_heads(text_dim),
-                           input_scale=int(getattr(cfg, "input_scale", None) or 1)).validate()
+                           input_scale=int(getattr(cfg, "input_scale", None) or 1),
+                           background=str(getattr(cfg, "background_query", None) or "learnt"),
+                           background_words=tuple(getattr(cfg, "background_words", None) or ())).validate()
+
+    def module_options(self, arch: ZegClipArch, ctx: Any, clip: Any) -> dict[str, Any]:
+        """A ``text`` background embedded with the CLIP and the run's templates when training (a
+        checkpoint's buffer fills it otherwise)."""
+        if arch.background != "text" or not ctx.for_training:
+            return {}
+        from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings
+
+        templates = list(ctx.text.get("templates") or []) or [DEFAULT_TEMPLATE]
+        return {"background_text": background_embeddings(clip, list(arch.background_words), templates).float().cpu()}
 
     def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
         return super().arch_from_dict({**_OLDER_RECORDS, **d})
