@@ -351,6 +351,11 @@ def test_segment_dataset_and_folder(trained, toy_root, tmp_path):
     assert res.done == 2
     for p in sorted((tmp_path / "b").glob("*.png")):  # predicted downscaled, written at full size
         assert read_mask(p).shape == image_size(toy_root / "JPEGImages" / f"{p.stem}.jpg")
+    # a bad --images or dataset is refused before anything is written
+    for argv in (["--images", str(toy_root / "nope")], ["-d", "toy", "-r", str(tmp_path / "nope"), "-s", "val"]):
+        assert run_cli(["segment", "--checkpoint", ckpt, "--out", str(tmp_path / "c"), "--device", "cpu",
+                        *argv]) == 2
+        assert not (tmp_path / "c").exists()
 
 
 def test_segment_open_vocabrun_cli(trained, toy_root, tmp_path):

@@ -333,6 +333,14 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
         made_by = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint)}
     if len(seg.classes) > 254:
         raise ConfigError(f"{len(seg.classes)} classes do not fit a uint8 label map (max 254)")
+    res = StageResult("segment", str(Path(cfg.out)))
+    found = None
+    if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
+        found, refused = _folder_checked(cfg.images)
+        for name, reason in refused.items():
+            res.failed[name] = reason
+            log.warning("%s", reason)
+    sources = list(_sources(cfg, found))  # bad --images or dataset: refused before OUT is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {**made_by, "classes": specs_to_lists(seg.classes)}
@@ -347,14 +355,7 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
             raise RunDirError(f"{out} holds predictions made with another --calibration; use a new --out")
     atomic_write_json(meta, record)
     atomic_write_bytes(out / "classes.txt", "".join(", ".join(c) + "\n" for c in record["classes"]).encode())
-    res = StageResult("segment", str(out))
-    found = None
-    if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
-        found, refused = _folder_checked(cfg.images)
-        for name, reason in refused.items():
-            res.failed[name] = reason
-            log.warning("%s", reason)
-    for image_id, load in tqdm(list(_sources(cfg, found)), desc="segment", unit="img", disable=not progress):
+    for image_id, load in tqdm(sources, desc="segment", unit="img", disable=not progress):
         target = out / f"{image_id}.png"
         overlay = out / f"{image_id}{OVERLAY_SUFFIX}"
         if target.is_file() and (not cfg.overlay or overlay.is_file()):
