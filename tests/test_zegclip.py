@@ -82,6 +82,10 @@ def test_input_scale_makes_the_grid_finer_and_keeps_the_output_size(tiny_clip, m
     with pytest.raises(ConfigError, match="input scale must be >= 1"):
         ZegClipArch(input_scale=0).validate()
     assert FAMILY.arch_from_dict({"text_dim": 64, "heads": 8}).input_scale == 1  # older records: 1
+    # the LayerNorm's eps changed with the decoder (records with an activation): older ones trained with 1e-5
+    assert FAMILY.arch_from_dict({"text_dim": 64, "heads": 8}).norm_eps == 1e-5
+    assert FAMILY.arch_from_dict({"text_dim": 64, "heads": 8, "activation": "relu"}).norm_eps == 1e-6
+    assert _model(tiny_clip, norm_eps=1e-5).out_norm.eps == 1e-5 and _model(tiny_clip).out_norm.eps == 1e-6
     free1 = ClipDenseSegmenter(ClipDenseArch(text_dim=TEST_CLIP.embed_dim), tiny_clip.model.visual).eval()
     free2 = ClipDenseSegmenter(ClipDenseArch(text_dim=TEST_CLIP.embed_dim, input_scale=2), tiny_clip.model.visual).eval()
     with torch.no_grad():

@@ -83,6 +83,8 @@ class ZegClipArch:
         background: the background query (:data:`BACKGROUNDS`; older records: ``learnt``).
         background_words: the words of a ``text`` background (their embeddings are a buffer of the
             module, so a checkpoint carries them).
+        norm_eps: epsilon of the trainable LayerNorm before ``ln_post`` (ZegCLIP's 1e-6; records
+            written before the decoder followed ZegCLIP's, those without ``activation``, trained with 1e-5).
         mean, std: RGB normalisation the CLIP is fed with.
     """
 
@@ -97,6 +99,7 @@ class ZegClipArch:
     input_scale: int = 1
     background: str = "learnt"
     background_words: tuple[str, ...] = ()
+    norm_eps: float = 1e-6
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
@@ -192,7 +195,7 @@ class ZegClipSegmenter(FrozenClipModule):
         width = int(visual.conv1.out_channels)
         blocks = len(visual.transformer.resblocks)
         self.prompts = DeepPrompts(blocks, arch.prompts, width, self.stride, arch.dropout) if arch.prompts else None
-        self.out_norm = nn.LayerNorm(width, eps=1e-6)
+        self.out_norm = nn.LayerNorm(width, eps=arch.norm_eps)
         d = arch.text_dim
         if arch.background == "text":
             shape = (len(arch.background_words), d)
@@ -332,7 +335,8 @@ class ZegClipFamily(FrozenClipFamily):
         return {"background_text": background_embeddings(clip, list(arch.background_words), templates).float().cpu()}
 
     def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
-        return super().arch_from_dict({**_OLDER_RECORDS, **d})
+        older = {**_OLDER_RECORDS, "norm_eps": 1e-6 if "activation" in d else 1e-5}  # eps came with activation
+        return super().arch_from_dict({**older, **d})
 
 
 FAMILY = ZegClipFamily()
