@@ -555,6 +555,46 @@ def test_ranks_that_name_one_gpu_are_refused_after_comparing(monkeypatch):
     assert destroyed == ["gloo-group"]
 
 
+def test_the_process_group_outlives_what_training_left_in_cycles(monkeypatch):
+    """A DDP wrapper survives its function in a reference cycle (its hooks); it is collected before
+    the process group goes, never after it (a late collection aborted a gloo rank at exit)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from clip_es.train import distributed as dd
+
+    state = {"up": False}
+    monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: state.update(up=True))
+    seen = []
+
+    def destroy(group=None):
+        seen.append(ref() is None)
+        state["up"] = False
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+
+    class Wrapper:  # stands in for DistributedDataParallel: it refers to itself
+        def __init__(self):
+            self.me = self
+
+    def train():
+        return weakref.ref(Wrapper())
+
+    enabled = gc.isenabled()
+    gc.disable()  # no collection by chance in between
+    try:
+        with dd.distributed(dd.DistInfo(rank=0, world=2, local_rank=0), "cpu"):
+            ref = train()
+            assert ref() is not None
+    finally:
+        if enabled:
+            gc.enable()
+    assert seen == [True]
+
+
 # ----------------------------------------------------------------------------- issue 29, item 8: per-rank RNG
 def _fake_world(monkeypatch, rank: int, other_rng: dict) -> list[int]:
     """``train_segmenter`` as rank ``rank`` of a faked 2-process torchrun (the collectives faked: the

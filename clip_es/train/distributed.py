@@ -7,6 +7,7 @@ those variables everything here is a no-op for one process.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from contextlib import contextmanager
@@ -148,6 +149,10 @@ def distributed(info: DistInfo, device: str, requested: str | None = None) -> It
         yield
     finally:
         if owned and dist.is_initialized():
+            # a DDP wrapper lives on in reference cycles (its hooks) and holds the group; collected
+            # after the group is gone, or never, it can abort the process at exit ("terminate called
+            # without an active exception", seen once on rank 1 of a 2-process gloo test)
+            gc.collect()
             dist.destroy_process_group()
 
 
