@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clip_es.data.toy import TOY_BACKGROUNDS as TOY_BG
 from clip_es.errors import ConfigError
 from clip_es.train.clipdense import ClipDenseArch, ClipDenseSegmenter
 from clip_es.train.losses import IGNORE, focal_dice_loss
 from clip_es.train.zegclip import ZegClipArch, ZegClipSegmenter, decoder_heads
-from clip_es.data.toy import TOY_BACKGROUNDS as TOY_BG
 from tests.conftest import TEST_CLIP, run_cli
 from tests.test_segmenter import _one_thread, base_run, resume_matches_uninterrupted, run_dir  # noqa: F401
 

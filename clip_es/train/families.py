@@ -96,6 +96,12 @@ SCHEDULES = ("cosine", "poly")
 BACKGROUND_QUERIES = ("text", "learnt")
 
 
+def check_background_query(value: str) -> None:
+    """Raises ConfigError: ``value`` is not one of :data:`BACKGROUND_QUERIES`."""
+    if value not in BACKGROUND_QUERIES:
+        raise ConfigError(f"unknown --background-query {value!r}; valid: {', '.join(BACKGROUND_QUERIES)}")
+
+
 @dataclass(frozen=True)
 class TrainDefaults:
     """A family's training recipe: what ``clipes train`` uses for each option left unset.

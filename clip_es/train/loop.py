@@ -44,7 +44,8 @@ from clip_es.train.checkpoint import (CHECKPOINT_FORMAT, LAST, MODEL, load_check
                                       set_rng_state, weights_only)
 from clip_es.train.data import CropDataset, LabelSource, StepBatchSampler
 from clip_es.train.distributed import DistInfo, broadcast_error, distributed  # noqa: F401
-from clip_es.train.families import BACKGROUND_QUERIES, SCHEDULES, BuildContext, TrainDefaults, get_family
+from clip_es.train.families import (SCHEDULES, BuildContext, TrainDefaults, check_background_query,
+                                    get_family)
 from clip_es.train.losses import IGNORE, ce_loss, get_loss
 from clip_es.train.model import count_parameters
 from clip_es.train.text import cached_text, run_background_words, run_text_setup
@@ -181,9 +182,7 @@ class TrainConfig:
         get_loss(cfg.resolved_loss())
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if cfg.background_query not in BACKGROUND_QUERIES:
-            raise ConfigError(f"unknown --background-query {cfg.background_query!r}; valid: "
-                              f"{', '.join(BACKGROUND_QUERIES)}")
+        check_background_query(cfg.background_query)
         if cfg.min_lr < 0:
             raise ConfigError(f"the schedule's minimum LR must be >= 0, got {cfg.min_lr}")
         for opt, v, lo in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),

@@ -333,7 +333,8 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
         made_by = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint)}
     if len(seg.classes) > 254:
         raise ConfigError(f"{len(seg.classes)} classes do not fit a uint8 label map (max 254)")
-    res = StageResult("segment", str(Path(cfg.out)))
+    out = Path(cfg.out)
+    res = StageResult("segment", str(out))
     found = None
     if cfg.images is not None:  # files whose names are no usable id: listed as failures, the rest go on
         found, refused = _folder_checked(cfg.images)
@@ -341,7 +342,6 @@ def segment(cfg: SegmentConfig, progress: bool = True) -> StageResult:
             res.failed[name] = reason
             log.warning("%s", reason)
     sources = list(_sources(cfg, found))  # bad --images or dataset: refused before OUT is written
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {**made_by, "classes": specs_to_lists(seg.classes)}
     if seg.offset:

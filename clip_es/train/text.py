@@ -121,6 +121,13 @@ def embed(clip, classes: Sequence[ClassSpec], templates: Sequence[str], fusion: 
     return class_embeddings(clip, list(classes), list(templates) or [DEFAULT_TEMPLATE], fusion).float().cpu()
 
 
+def embed_background(clip, words: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """``(B, D)`` float32 CPU embeddings of background words, as the cam stage computes them."""
+    from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings
+
+    return background_embeddings(clip, list(words), list(templates) or [DEFAULT_TEMPLATE]).float().cpu()
+
+
 def cached_text(run: RunDir, folder: Path, clip_model: str | None = None, clip_pretrained: str | None = None,
                 device: str = "cpu") -> dict[str, Any]:
     """The run's class text, from ``folder/text.pt`` when it matches the run, else computed and saved."""

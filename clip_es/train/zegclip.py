@@ -43,7 +43,7 @@ from torch import nn
 from clip_es.errors import ConfigError
 from clip_es.model.dense import block_forward, embed
 from clip_es.model.resolve import OPENAI_MEAN, OPENAI_STD
-from clip_es.train.families import BACKGROUND_QUERIES, TrainDefaults, record_to_dict
+from clip_es.train.families import TrainDefaults, check_background_query, record_to_dict
 from clip_es.train.frozen_clip import FrozenClipFamily, FrozenClipModule
 
 FAMILY_NAME = "zegclip"
@@ -54,8 +54,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 #: Record fields added later, with the value that older checkpoints trained with.
 _OLDER_RECORDS = {"activation": "gelu", "decoder_dropout": 0.0, "input_scale": 1, "background": "learnt",
                   "background_words": ()}
-#: How the background query is made (:data:`~clip_es.train.families.BACKGROUND_QUERIES`).
-BACKGROUNDS = BACKGROUND_QUERIES
 
 
 def decoder_heads(dim: int, most: int = MAX_HEADS) -> int:
@@ -80,7 +78,8 @@ class ZegClipArch:
             older records: 0).
         input_scale: the input is upsampled (bilinear) this many times before the ViT, so the patch
             grid is that much finer; the logits come back at the input's size (older records: 1).
-        background: the background query (:data:`BACKGROUNDS`; older records: ``learnt``).
+        background: the background query (:data:`~clip_es.train.families.BACKGROUND_QUERIES`; older
+            records: ``learnt``).
         background_words: the words of a ``text`` background (their embeddings are a buffer of the
             module, so a checkpoint carries them).
         norm_eps: epsilon of the trainable LayerNorm before ``ln_post`` (ZegCLIP's 1e-6; records
@@ -112,8 +111,7 @@ class ZegClipArch:
             raise ConfigError(f"zegclip decoder heads must divide the CLIP width {self.text_dim}, got {self.heads}")
         if self.input_scale < 1:
             raise ConfigError(f"zegclip input scale must be >= 1, got {self.input_scale}")
-        if self.background not in BACKGROUNDS:
-            raise ConfigError(f"unknown --background-query {self.background!r}; valid: {', '.join(BACKGROUNDS)}")
+        check_background_query(self.background)
         if self.background == "text" and not self.background_words:
             raise ConfigError("zegclip --background-query text needs background words (the cam stage's, or "
                               "'clipes cam --background voc'); or pass --background-query learnt")
@@ -329,10 +327,9 @@ class ZegClipFamily(FrozenClipFamily):
         checkpoint's buffer fills it otherwise)."""
         if arch.background != "text" or not ctx.for_training:
             return {}
-        from clip_es.model.text import DEFAULT_TEMPLATE, background_embeddings
+        from clip_es.train.text import embed_background
 
-        templates = list(ctx.text.get("templates") or []) or [DEFAULT_TEMPLATE]
-        return {"background_text": background_embeddings(clip, list(arch.background_words), templates).float().cpu()}
+        return {"background_text": embed_background(clip, arch.background_words, ctx.text.get("templates") or [])}
 
     def arch_from_dict(self, d: dict[str, Any]) -> ZegClipArch:
         older = {**_OLDER_RECORDS, "norm_eps": 1e-6 if "activation" in d else 1e-5}  # eps came with activation

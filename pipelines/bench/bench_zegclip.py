@@ -137,9 +137,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from clip_es.model.resolve import load_clip
-
     from clip_es.data.toy import TOY_BACKGROUNDS
+    from clip_es.model.resolve import load_clip
 
     tiny = load_clip("clipes-tiny")
     zeg = zegclip(tiny.model.visual, 128, "text", len(TOY_BACKGROUNDS), args.input_scale)

@@ -16,8 +16,9 @@ download), the same weights go into both:
 
 Intended differences, switched off on our side for the comparison (``decode(background=False,
 memory=False)``): the background query (learnt or text) and the decoder-memory projection. One
-quirk of the official encoder is matched by its input, not by our code: its forward adds the class embedding twice
-to the CLS token (as the token and again to its position embedding), so it is given half of it.
+quirk of the official encoder is matched by its input, not by our code: its forward adds the class
+embedding twice to the CLS token (as the token and again to its position embedding), so it is given
+half of it.
 Every module runs in eval mode (no dropout, no drop-path). Prints the max abs differences.
 """
 
